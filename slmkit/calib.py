@@ -1,0 +1,170 @@
+"""Layer-by-layer calibration: capture the inputs of block 0, then walk the blocks one at a time.
+
+Calibration-based transforms (SmoothQuant today; GPTQ, AWQ, Wanda, SparseGPT later) share this walk::
+
+    for layer in calib.layerwise(model, tokens):
+        stats = calib.input_abs_max(layer, dict(arch.block_linears(model, layer.block)))
+        ...change layer.block in place...
+    # after the loop body, the walk runs the *changed* block to produce block i+1's inputs
+
+Only one block (plus the captured activations) is on the calibration device at a time, so a model that
+does not fit on the device can still be calibrated on it: peak device memory ≈ one block + activations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from slmkit.errors import SlmkitError
+from slmkit.models.arch import blocks
+
+
+class _StopForward(Exception):
+    """Raised by the hook on block 0 once its inputs are captured."""
+
+
+@dataclasses.dataclass
+class LayerCalibration:
+    """One block during the walk, with the inputs it receives for every calibration batch."""
+
+    index: int
+    block: nn.Module
+    hidden_states: list[torch.Tensor]  # one (B, T, hidden) tensor per batch
+    extra_args: list[tuple]  # positional arguments after hidden_states, per batch
+    kwargs: list[dict[str, Any]]  # keyword arguments (position embeddings, masks...), per batch
+
+    def run(self) -> list[torch.Tensor]:
+        """Run the block on every captured batch and return its output hidden states."""
+        outputs = []
+        with torch.no_grad():
+            for hidden, args, kwargs in zip(self.hidden_states, self.extra_args, self.kwargs):
+                out = self.block(hidden, *args, **kwargs)
+                outputs.append(out[0] if isinstance(out, (tuple, list)) else out)
+        return outputs
+
+
+def _move_shell(model: nn.Module, skip: nn.Module, device: torch.device) -> None:
+    """Move every parameter and buffer of ``model`` except those inside ``skip`` to ``device``."""
+    inside = {id(m) for m in skip.modules()}
+    for module in model.modules():
+        if id(module) not in inside:
+            module._apply(lambda t: t.to(device), recurse=False)
+
+
+def capture_block_inputs(
+    model: nn.Module, tokens: torch.Tensor, batch_size: int, device: torch.device
+) -> LayerCalibration:
+    """Run the model up to block 0 on every batch of ``tokens``; return block 0's inputs."""
+    layers = blocks(model)
+    first = layers[0]
+    captured = LayerCalibration(0, first, [], [], [])
+
+    def hook(module, args, kwargs):
+        captured.hidden_states.append(args[0].detach())
+        captured.extra_args.append(tuple(args[1:]))
+        captured.kwargs.append(dict(kwargs))
+        raise _StopForward
+
+    _move_shell(model, layers, device)
+    first.to(device)
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for start in range(0, tokens.shape[0], batch_size):
+                batch = tokens[start : start + batch_size].to(device)  # (B, T)
+                try:
+                    model(input_ids=batch, use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def layerwise(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    desc: str = "calibrating",
+) -> Iterator[LayerCalibration]:
+    """Yield each block with its calibration inputs; after each yield, propagate through the block.
+
+    Args:
+        model: the model; blocks are modified by the caller in place between yields.
+        tokens: calibration token ids (num_blocks, block_len), e.g. from ``slmkit.calib_data``.
+        batch_size: sequences per forward pass.
+        device: where blocks run (default: the model's device). Other blocks stay where they are.
+        desc: progress bar label.
+    """
+    if tokens.ndim != 2 or tokens.numel() == 0:
+        raise SlmkitError(f"calibration tokens must be a non-empty (num_blocks, block_len) tensor, got {tuple(tokens.shape)}")
+    home = next(model.parameters()).device
+    device = torch.device(device) if device is not None else home
+    layers = blocks(model)
+    layer = capture_block_inputs(model, tokens, batch_size, device)
+    for index in tqdm(range(len(layers)), desc=desc, unit="block"):
+        block = layers[index]
+        block.to(device)
+        layer.index, layer.block = index, block
+        yield layer
+        layer.hidden_states = layer.run()  # the changed block's outputs feed the next block
+        if device != home:
+            block.to(home)
+    if device != home:
+        _move_shell(model, layers, home)
+
+
+def observe_inputs(
+    layer: LayerCalibration,
+    modules: dict[str, nn.Module],
+    reduce: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """Run ``layer`` and fold each module's inputs into a statistic with ``reduce(x, state)``.
+
+    ``x`` is the module's input flattened to (tokens, in_features); ``state`` the running value (None at
+    first). Returns the final statistic per module name.
+    """
+    stats: dict[str, torch.Tensor | None] = {name: None for name in modules}
+
+    def make_hook(name):
+        def hook(module, args):
+            x = args[0].detach()
+            stats[name] = reduce(x.reshape(-1, x.shape[-1]), stats[name])
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in modules.items()]
+    try:
+        layer.run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats
+
+
+def abs_max_reduce(x: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
+    """Running per-channel max of |x| over tokens; x is (tokens, channels)."""
+    current = x.abs().amax(dim=0).float()
+    return current if state is None else torch.maximum(state, current)
+
+
+def input_abs_max(layer: LayerCalibration, modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """Per-input-channel max |activation| of each module over all calibration tokens."""
+    return observe_inputs(layer, modules, abs_max_reduce)
+
+
+def row_sampler(max_rows: int, total_rows: int) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
+    """A reduce for :func:`observe_inputs` keeping about ``max_rows`` evenly strided input rows (tokens)."""
+    stride = max(1, total_rows // max_rows)
+
+    def reduce(x: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
+        rows = x[::stride].float()
+        return rows if state is None else torch.cat([state, rows])
+
+    return reduce

@@ -1,0 +1,214 @@
+"""The ``slmkit`` command: parses arguments and calls the public API; errors are one line.
+
+Commands: ``run`` (a recipe), ``eval``, ``generate``, ``info``. ``slmkit COMMAND --help`` shows examples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+
+from slmkit.errors import SlmkitError
+
+DEFAULT_RECIPE = "recipes/smollm2-w8a8.yaml"
+
+
+def _formatter(prog):
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
+
+
+def _check_new_file(path: str | None, overwrite: bool) -> Path | None:
+    if path is None:
+        return None
+    file = Path(path)
+    if file.exists() and not overwrite:
+        raise SlmkitError(f"{file} already exists; choose another path or pass --overwrite")
+    return file
+
+
+def _write_json(file: Path | None, data) -> None:
+    if file is not None:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_name(file.name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        tmp.replace(file)
+        print(f"wrote {file}")
+
+
+def cmd_run(args) -> int:
+    from slmkit.recipes import Recipe, run_recipe
+
+    recipe = Recipe.from_file(args.recipe)  # validate before any work
+    output = args.output or str(Path("out") / Path(args.recipe).stem)
+    json_file = _check_new_file(args.json, args.overwrite)
+    result = run_recipe(recipe, output=output, overwrite=args.overwrite, model=args.model, device=args.device)
+    print()
+    print(result.table())
+    _write_json(json_file, {"report": result.report.to_dict() if result.report else None,
+                            "seconds": result.seconds, "output": str(result.output), "recipe": recipe.to_dict()})
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from slmkit import EvalConfig, evaluate, load_model
+    from slmkit.config import ConfigError
+
+    json_file = _check_new_file(args.json, args.overwrite)
+    try:
+        config = EvalConfig(source=args.data, split=args.split, max_tokens=args.max_tokens, seq_len=args.seq_len,
+                            batch_size=args.batch_size)
+    except ConfigError as error:
+        raise SlmkitError(f"eval: {error}") from None
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    reference = load_model(args.reference, dtype=args.dtype, device=args.device) if args.reference else None
+    report = evaluate(model, reference=reference, config=config)
+    print(report.table())
+    _write_json(json_file, report.to_dict())
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from slmkit import generate, load_model
+
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    text = generate(model, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                    top_p=args.top_p, top_k=args.top_k, seed=args.seed, chat=not args.no_chat_template)
+    print(text)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from slmkit.models.checkpoint import read_manifest
+
+    path = Path(args.path)
+    if not path.exists():
+        raise SlmkitError(f"{path}: no such checkpoint directory")
+    manifest = read_manifest(path)
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+        return 0
+    print(f"checkpoint      {path}")
+    print(f"format          slmkit checkpoint v{manifest['format_version']} (written by slmkit {manifest.get('slmkit_version')})")
+    print(f"architecture    {manifest.get('model_type')}")
+    print(f"made from       {manifest.get('source')}")
+    for index, step in enumerate(manifest.get("steps", []), 1):
+        (name, fields), = step.items()
+        print(f"step {index:<10} {name} {json.dumps(fields)}")
+    kinds: dict[str, int] = {}
+    for layout in manifest.get("modules", {}).values():
+        kinds[layout["type"]] = kinds.get(layout["type"], 0) + 1
+    if kinds:
+        print("modules         " + ", ".join(f"{count} × {kind}" for kind, count in kinds.items()))
+    for name, meta in manifest.get("files", {}).items():
+        print(f"file            {name}: {meta['bytes'] / 1e6:,.1f} MB, sha256 {meta['sha256'][:16]}…")
+    report = manifest.get("metrics", {}).get("eval")
+    if report:
+        line = f"perplexity {report['perplexity']:.3f} on {report['tokens']:,} held-out tokens"
+        if report.get("reference_perplexity") is not None:
+            line += (f" (reference {report['reference_perplexity']:.3f}), KL {report['kl_mean']:.4f}, "
+                     f"top-1 agreement {100 * report['top1_agreement']:.2f}%")
+        print(f"measured        {line}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``slmkit`` command."""
+    parser = argparse.ArgumentParser(
+        prog="slmkit",
+        formatter_class=_formatter,
+        description="Compress open Transformer language models and measure what quality they kept.",
+        epilog="examples:\n  slmkit run recipes/smollm2-w8a8.yaml\n  slmkit eval out/smollm2-w8a8 --reference smollm2-135m\n"
+        "  slmkit generate smollm2-135m --prompt 'Write a haiku about autumn.'\n  slmkit info out/smollm2-w8a8",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    from slmkit import __version__
+
+    parser.add_argument("--version", action="version", version=f"slmkit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a recipe: load, compress, evaluate, save", formatter_class=_formatter,
+                         description="Run a YAML recipe: load the model, apply its steps, evaluate against the "
+                         "original model on held-out text, and save the result.\nAn interrupted run resumes "
+                         "after its last finished step when run again with the same output.",
+                         epilog="examples:\n  slmkit run recipes/smollm2-w8a8.yaml\n"
+                         "  slmkit run recipes/smollm2-w8a8.yaml --output out/w8a8 --overwrite --json out/w8a8.json\n"
+                         "  slmkit run recipes/smollm2-w8a8.yaml --model ./my-llama-dir")
+    run.add_argument("recipe", help="YAML recipe file")
+    run.add_argument("--output", "-o", help="checkpoint directory to write (default: out/<recipe name>)")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing output / JSON file")
+    run.add_argument("--model", help="override the recipe's model (path, hub id, .gguf, or smollm2-135m)")
+    run.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    run.add_argument("--json", help="also write the report as JSON to this file")
+    run.set_defaults(handler=cmd_run)
+
+    ev = sub.add_parser("eval", help="perplexity (and KL / top-1 vs a reference) on held-out text",
+                        formatter_class=_formatter,
+                        description="Evaluate a model on held-out text: perplexity, and against a reference "
+                        "model KL divergence (mean, p99) and top-1 agreement; size, peak memory, time.",
+                        epilog="examples:\n  slmkit eval smollm2-135m\n"
+                        "  slmkit eval out/smollm2-w8a8 --reference smollm2-135m --json out/eval.json\n"
+                        "  slmkit eval ./model-dir --data notes.txt --split all --max-tokens 4096")
+    ev.add_argument("model", help="model source: checkpoint dir, HF dir, hub id, .gguf, or smollm2-135m")
+    ev.add_argument("--reference", help="the uncompressed model to compare against")
+    ev.add_argument("--data", default="embedded", help="text: 'embedded', a .txt/.jsonl/.parquet file, or hf:NAME[:CONFIG][:SPLIT]")
+    ev.add_argument("--split", default="eval", help="embedded corpus split: eval (held out), calib or all")
+    ev.add_argument("--max-tokens", type=int, default=16384, help="tokens to evaluate (default 16384)")
+    ev.add_argument("--seq-len", type=int, default=1024, help="window length (default 1024)")
+    ev.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    ev.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    ev.add_argument("--device", default="cpu", help="cpu or cuda")
+    ev.add_argument("--json", help="write the report as JSON to this file")
+    ev.add_argument("--overwrite", action="store_true", help="replace an existing JSON file")
+    ev.set_defaults(handler=cmd_eval)
+
+    gen = sub.add_parser("generate", help="generate text from a prompt", formatter_class=_formatter,
+                         description="Generate a continuation of a prompt (greedy by default; sampled with "
+                         "--temperature > 0). Uses the tokenizer's chat template when it has one.",
+                         epilog="examples:\n  slmkit generate smollm2-135m --prompt 'What is the capital of France?'\n"
+                         "  slmkit generate out/smollm2-w8a8 --prompt 'Tell me a story.' --temperature 0.8 --top-p 0.9 --seed 1")
+    gen.add_argument("model", help="model source")
+    gen.add_argument("--prompt", "-p", required=True, help="the prompt text")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (sampling only)")
+    gen.add_argument("--top-k", type=int, default=0, help="top-k sampling, 0 = off (sampling only)")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
+    gen.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
+    gen.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    gen.add_argument("--device", default="cpu", help="cpu or cuda")
+    gen.set_defaults(handler=cmd_generate)
+
+    info = sub.add_parser("info", help="what a checkpoint is and how it was made", formatter_class=_formatter,
+                          description="Describe an slmkit checkpoint: architecture, source model, the steps "
+                          "applied with their configs, compressed modules, files and measured quality.",
+                          epilog="examples:\n  slmkit info out/smollm2-w8a8\n  slmkit info out/smollm2-w8a8 --json")
+    info.add_argument("path", help="checkpoint directory")
+    info.add_argument("--json", action="store_true", help="print the raw manifest")
+    info.set_defaults(handler=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``slmkit`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.handler(args)
+    except SlmkitError as error:
+        if args.debug:
+            traceback.print_exc()
+        print(f"slmkit: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("slmkit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Strict config dataclasses and the transform registry.
+
+Every transform is a config dataclass plus one function ``fn(model, config, calib=None) -> model``.
+The config says everything about the step: it is what a recipe lists, and what a checkpoint's manifest
+records, so a saved model says how it was made.
+
+``BaseConfig.from_dict`` refuses unknown keys (naming the key and the allowed ones) so a typo in a recipe
+fails before any work starts. Subclasses validate values in ``__post_init__`` with :func:`check_choice`
+and friends, raising :class:`ValueError` that names the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, ClassVar
+
+from slmkit.errors import SlmkitError
+
+
+class ConfigError(SlmkitError, ValueError):
+    """A config field has a bad value or an unknown key (a ValueError, as the style asks)."""
+
+
+@dataclasses.dataclass
+class BaseConfig:
+    """Base of all step configs: strict construction from dicts and a stable dict form.
+
+    Subclasses set ``name`` (the key used in recipes, e.g. ``smoothquant``) and ``category`` (which public
+    function applies them: ``quantize``, ``prune``, ...).
+    """
+
+    name: ClassVar[str] = ""
+    category: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the fields as a plain dict (JSON/YAML friendly)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None, where: str = "") -> "BaseConfig":
+        """Build the config from a dict, failing on unknown keys with the list of allowed ones."""
+        data = dict(data or {})
+        where = where or cls.name or cls.__name__
+        allowed = [f.name for f in dataclasses.fields(cls) if f.init]
+        unknown = sorted(set(data) - set(allowed))
+        if unknown:
+            raise ConfigError(
+                f"{where}: unknown key {unknown[0]!r}; allowed keys: {', '.join(allowed)}"
+            )
+        try:
+            return cls(**data)
+        except ConfigError as error:
+            raise ConfigError(f"{where}: {error}") from None
+        except TypeError as error:  # e.g. a missing required field
+            raise ConfigError(f"{where}: {error}") from None
+
+
+def check_choice(field: str, value: Any, allowed: tuple) -> None:
+    """Raise ConfigError unless ``value`` is one of ``allowed``."""
+    if value not in allowed:
+        choices = ", ".join(repr(a) for a in allowed)
+        raise ConfigError(f"{field} must be one of {choices}, got {value!r}")
+
+
+def check_range(field: str, value: Any, low: float, high: float, kind: type = float) -> None:
+    """Raise ConfigError unless ``low <= value <= high`` and value has the right numeric type."""
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else kind):
+        raise ConfigError(f"{field} must be a {kind.__name__} in [{low}, {high}], got {value!r}")
+    if not low <= value <= high:
+        raise ConfigError(f"{field} must be in [{low}, {high}], got {value!r}")
+
+
+def check_type(field: str, value: Any, kind: type | tuple) -> None:
+    """Raise ConfigError unless ``value`` is an instance of ``kind`` (bools are not ints)."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds:
+        raise ConfigError(f"{field} must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
+    if not isinstance(value, kinds):
+        raise ConfigError(f"{field} must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+    """A registered transform: its config class and the function that applies it."""
+
+    config_class: type[BaseConfig]
+    apply: Callable[..., Any]
+    needs_calibration: bool
+
+
+_REGISTRY: dict[str, Transform] = {}
+
+
+def register(config_class: type[BaseConfig], needs_calibration: bool = False):
+    """Decorator registering ``fn(model, config, calib=None)`` as the handler of ``config_class``."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if not config_class.name or not config_class.category:
+            raise TypeError(f"{config_class.__name__} needs class attributes name and category")
+        _REGISTRY[config_class.name] = Transform(config_class, fn, needs_calibration)
+        return fn
+
+    return decorate
+
+
+def registered() -> dict[str, Transform]:
+    """All registered transforms by recipe name (importing slmkit registers the built-in ones)."""
+    return dict(_REGISTRY)
+
+
+def lookup(config: BaseConfig | str) -> Transform:
+    """The registered transform for a config instance or a recipe step name."""
+    name = config if isinstance(config, str) else config.name
+    if name not in _REGISTRY:
+        raise ConfigError(
+            f"unknown step {name!r}; available steps: {', '.join(sorted(_REGISTRY)) or '(none)'}"
+        )
+    return _REGISTRY[name]
+
+
+def config_from_step(step: dict[str, Any], where: str) -> BaseConfig:
+    """Turn a recipe step ``{name: {field: value}}`` into its config object."""
+    if not isinstance(step, dict) or len(step) != 1:
+        raise ConfigError(f"{where}: a step must be a mapping with exactly one key (the step name)")
+    (name, fields), = step.items()
+    transform = lookup(name)
+    if fields is not None and not isinstance(fields, dict):
+        raise ConfigError(f"{where}.{name}: expected a mapping of fields, got {fields!r}")
+    return transform.config_class.from_dict(fields, where=f"{where}.{name}")
+
+
+def apply_step(model, config: BaseConfig, calib=None, category: str | None = None):
+    """Apply a registered transform to ``model`` in place and record it in ``model.slmkit.steps``.
+
+    ``category`` (e.g. "quantize") makes ``slmkit.quantize(model, PruneConfig())`` fail clearly.
+    Calibration transforms given ``calib=None`` use ``slmkit.calib_data(model)`` (embedded corpus).
+    """
+    from slmkit.models.record import get_record
+
+    if not isinstance(config, BaseConfig):
+        raise ConfigError(f"expected a step config such as SmoothQuantConfig(...), got {type(config).__name__}")
+    transform = lookup(config)
+    if not isinstance(config, transform.config_class):
+        raise ConfigError(f"expected a {transform.config_class.__name__}, got {type(config).__name__}")
+    if category is not None and config.category != category:
+        raise ConfigError(
+            f"{type(config).__name__} is a {config.category} step; call slmkit.{config.category}() instead"
+        )
+    if transform.needs_calibration and calib is None:
+        from slmkit.data import calib_data
+
+        calib = calib_data(model)
+    transform.apply(model, config, calib) if transform.needs_calibration else transform.apply(model, config)
+    get_record(model).steps.append({config.name: config.to_dict()})
+    return model

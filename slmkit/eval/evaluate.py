@@ -1,0 +1,122 @@
+"""``slmkit.evaluate``: perplexity on held-out text, and KL / top-1 agreement against a reference model."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from slmkit.config import BaseConfig, check_range, check_type
+from slmkit.data import DataConfig, token_blocks
+from slmkit.errors import SlmkitError
+from slmkit.eval import metrics
+from slmkit.eval.report import EvalReport, peak_memory_bytes, weight_bytes, weight_count
+from slmkit.models.record import get_record
+
+
+@dataclasses.dataclass
+class EvalConfig(BaseConfig):
+    """What to evaluate on: held-out text cut into fixed-length windows."""
+
+    source: str = "embedded"  # text source (see slmkit.data); the embedded corpus's "eval" split by default
+    split: str = "eval"
+    max_tokens: int = 16384  # tokens evaluated: max_tokens // seq_len windows, evenly spread over the text
+    seq_len: int = 1024  # window length
+    batch_size: int = 1  # windows per forward pass
+
+    def __post_init__(self):
+        check_type("source", self.source, str)
+        check_range("seq_len", self.seq_len, 2, 1_000_000, int)
+        check_range("max_tokens", self.max_tokens, self.seq_len, 1_000_000_000, int)
+        check_range("batch_size", self.batch_size, 1, 65536, int)
+        self.data_config()  # validates split
+
+    def data_config(self) -> DataConfig:
+        """The DataConfig selecting the evaluation windows."""
+        return DataConfig(source=self.source, split=self.split, num_blocks=self.max_tokens // self.seq_len,
+                          block_len=self.seq_len, sampling="spread")
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _logits(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=tokens.to(_device_of(model)), use_cache=False).logits
+
+
+def evaluate(model: nn.Module, reference: nn.Module | str | None = None, config: EvalConfig | None = None,
+             tokenizer=None) -> EvalReport:
+    """Measure ``model`` on held-out text; against ``reference`` also KL divergence and top-1 agreement.
+
+    Args:
+        model: the model to measure (compressed or not).
+        reference: the uncompressed model, or a source for ``load_model`` (e.g. ``"smollm2-135m"``).
+        config: EvalConfig (text, tokens, window length); defaults to 16,384 tokens of the embedded
+            corpus's held-out split in 1,024-token windows.
+        tokenizer: needed only for models not loaded through slmkit.
+
+    Returns:
+        An EvalReport (``.to_dict()`` for JSON, ``.table()`` to print). It is also stored in
+        ``model.slmkit.metrics["eval"]`` and so written into a saved checkpoint's manifest.
+
+    Example:
+        >>> report = slmkit.evaluate(model, reference="smollm2-135m")
+        >>> print(report.table())
+    """
+    config = config or EvalConfig()
+    if isinstance(reference, str):
+        from slmkit.models.loading import load_model
+
+        reference = load_model(reference, device=_device_of(model))
+    tokenizer = tokenizer or get_record(model).tokenizer
+    if tokenizer is None and reference is not None:
+        tokenizer = get_record(reference).tokenizer
+    windows = token_blocks(tokenizer, config.data_config())  # (num_windows, seq_len)
+    if reference is not None and reference.config.vocab_size != model.config.vocab_size:
+        raise SlmkitError(
+            f"reference vocabulary ({reference.config.vocab_size}) differs from the model's "
+            f"({model.config.vocab_size}); KL needs the same tokenizer"
+        )
+    device = _device_of(model)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    nll_sum, ref_nll_sum, count = 0.0, 0.0, 0
+    kl_values, agree = [], 0
+    start = time.perf_counter()
+    with torch.no_grad():
+        for first in tqdm(range(0, windows.shape[0], config.batch_size), desc="evaluating", unit="batch"):
+            batch = windows[first : first + config.batch_size]  # (B, T)
+            logits = _logits(model, batch)  # (B, T, V)
+            target = batch.to(logits.device)
+            nll_sum += metrics.token_nll(logits, target).sum().item()
+            count += target[:, 1:].numel()
+            if reference is not None:
+                ref_logits = _logits(reference, batch).to(logits.device)
+                ref_nll_sum += metrics.token_nll(ref_logits, target).sum().item()
+                # positions 0..T-2 predict a scored token; the last position predicts beyond the window
+                kl_values.append(metrics.token_kl(ref_logits[:, :-1], logits[:, :-1]).flatten().cpu())
+                agree += metrics.top1_agreement(ref_logits[:, :-1], logits[:, :-1]).sum().item()
+    seconds = time.perf_counter() - start
+    report = EvalReport(
+        tokens=count,
+        perplexity=metrics.perplexity(nll_sum, count),
+        weights=weight_count(model),
+        weight_bytes=weight_bytes(model),
+        peak_memory_bytes=peak_memory_bytes(device),
+        seconds=seconds,
+        device=device.type,
+        data=config.to_dict(),
+    )
+    if reference is not None:
+        kl = torch.cat(kl_values).double()
+        report.reference_perplexity = metrics.perplexity(ref_nll_sum, count)
+        report.reference_weight_bytes = weight_bytes(reference)
+        report.kl_mean = kl.mean().item()
+        report.kl_p99 = torch.quantile(kl, 0.99).item()
+        report.top1_agreement = agree / count
+    get_record(model).metrics["eval"] = report.to_dict()
+    return report

@@ -1,0 +1,244 @@
+"""Architecture knowledge as data: where blocks, attention projections, MLP projections and norms live.
+
+Transforms never test ``isinstance(model, LlamaForCausalLM)``; they ask this module for an
+:class:`ArchSpec` and walk the model by the dotted paths it holds. Supporting a new family is one entry
+in ``ARCHITECTURES`` plus a tiny-model test.
+
+Paths of block parts are relative to one decoder block; model-level paths are relative to the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from slmkit.errors import SlmkitError
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchSpec:
+    """Where the parts of one model family live, and how its norms and linears behave."""
+
+    family: str  # our name for the family
+    model_types: tuple[str, ...]  # transformers ``config.model_type`` values it covers
+    layers: str = "model.layers"  # the ModuleList of decoder blocks
+    embed: str = "model.embed_tokens"
+    final_norm: str = "model.norm"
+    lm_head: str = "lm_head"
+    attn_norm: str = "input_layernorm"  # the norm whose output feeds q/k/v
+    mlp_norm: str = "post_attention_layernorm"  # the norm whose output feeds gate/up
+    q: str | None = "self_attn.q_proj"
+    k: str | None = "self_attn.k_proj"
+    v: str | None = "self_attn.v_proj"
+    qkv: str | None = None  # fused [q; k; v] projection (rows in that order) instead of q/k/v
+    o: str = "self_attn.o_proj"
+    gate: str | None = "mlp.gate_proj"
+    up: str | None = "mlp.up_proj"
+    gate_up: str | None = None  # fused [gate; up] projection (rows in that order)
+    down: str = "mlp.down_proj"
+    # A norm computes normalize(x) * (norm_offset + weight): 0 for Llama-style, 1 for Gemma's (1 + w).
+    norm_offset: float = 0.0
+    # GPT-2's Conv1D stores its weight as (in, out) instead of nn.Linear's (out, in).
+    transposed_weights: bool = False
+    # The MLP multiplies act(gate) by up elementwise, so a scale on up's rows folds into down's columns.
+    gated_mlp: bool = True
+
+    def linear_names(self) -> list[str]:
+        """Block-relative paths of every linear projection in a block (attention, then MLP)."""
+        names = [self.qkv] if self.qkv else [self.q, self.k, self.v]
+        names.append(self.o)
+        names += [self.gate_up] if self.gate_up else [n for n in (self.gate, self.up) if n]
+        names.append(self.down)
+        return [n for n in names if n]
+
+
+_LLAMA = ArchSpec(family="llama", model_types=("llama",))
+
+ARCHITECTURES: tuple[ArchSpec, ...] = (
+    _LLAMA,
+    dataclasses.replace(_LLAMA, family="mistral", model_types=("mistral",)),
+    dataclasses.replace(_LLAMA, family="qwen2", model_types=("qwen2",)),
+    dataclasses.replace(_LLAMA, family="qwen3", model_types=("qwen3",)),
+    dataclasses.replace(_LLAMA, family="gemma", model_types=("gemma",), norm_offset=1.0),
+    dataclasses.replace(
+        _LLAMA,
+        family="gemma2",
+        model_types=("gemma2",),
+        norm_offset=1.0,
+        mlp_norm="pre_feedforward_layernorm",  # post_attention_layernorm normalizes attn output
+    ),
+    dataclasses.replace(
+        _LLAMA,
+        family="phi3",
+        model_types=("phi3",),
+        q=None,
+        k=None,
+        v=None,
+        qkv="self_attn.qkv_proj",
+        gate=None,
+        up=None,
+        gate_up="mlp.gate_up_proj",
+    ),
+    ArchSpec(
+        family="gpt2",
+        model_types=("gpt2",),
+        layers="transformer.h",
+        embed="transformer.wte",
+        final_norm="transformer.ln_f",
+        attn_norm="ln_1",
+        mlp_norm="ln_2",
+        q=None,
+        k=None,
+        v=None,
+        qkv="attn.c_attn",
+        o="attn.c_proj",
+        gate=None,
+        up="mlp.c_fc",
+        down="mlp.c_proj",
+        transposed_weights=True,
+        gated_mlp=False,
+    ),
+)
+
+
+def supported_model_types() -> list[str]:
+    """Every transformers ``model_type`` slmkit knows how to walk."""
+    return sorted(t for spec in ARCHITECTURES for t in spec.model_types)
+
+
+def get_spec(model_or_config) -> ArchSpec:
+    """The ArchSpec of a model (or its config); a clear error for unsupported families."""
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", None)
+    for spec in ARCHITECTURES:
+        if model_type in spec.model_types:
+            return spec
+    raise SlmkitError(
+        f"architecture {model_type!r} is not supported; supported: {', '.join(supported_model_types())}"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionShape:
+    """Head layout of a block's attention: query heads, key/value heads and head size."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def q_rows(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_rows(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+
+def attention_shape(config) -> AttentionShape:
+    """Read head counts from a transformers config (GQA aware; GPT-2's names are mapped by HF)."""
+    num_heads = config.num_attention_heads
+    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+    return AttentionShape(num_heads, num_kv_heads, head_dim)
+
+
+def get_module(root: nn.Module, path: str) -> nn.Module:
+    """The submodule at dotted ``path`` (``root.get_submodule`` with a readable error)."""
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        raise SlmkitError(f"model has no module {path!r}; is the architecture entry right?") from None
+
+
+def set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted ``path`` with ``module``."""
+    parent_path, _, child = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, child, module)
+
+
+def blocks(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of a model, in order."""
+    return get_module(model, get_spec(model).layers)
+
+
+def block_linears(model: nn.Module, block: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(block-relative path, module) for each linear projection of ``block``."""
+    for name in get_spec(model).linear_names():
+        yield name, get_module(block, name)
+
+
+def weight_out_in(module: nn.Module) -> torch.Tensor:
+    """The weight of a linear-like module as an (out_features, in_features) view of its storage.
+
+    In-place edits of the returned tensor edit the module. Handles nn.Linear and GPT-2's Conv1D.
+    """
+    weight = module.weight
+    if type(module).__name__ == "Conv1D":  # transformers.pytorch_utils.Conv1D: weight is (in, out)
+        return weight.data.t()
+    return weight.data
+
+
+@dataclasses.dataclass(frozen=True)
+class FoldGroup:
+    """A place where a per-channel scale folds exactly: ``source`` output channels ÷ s, targets' inputs × s.
+
+    ``source`` is a norm (its weight, and bias if any, are divided) or a linear whose output rows
+    ``source_rows`` are divided. ``kv_group`` > 1 means the targets' input channels are the source rows
+    repeated for each query head sharing a key/value head (GQA), so one scale serves the whole group.
+    """
+
+    name: str  # e.g. "attn_norm->qkv"
+    source: nn.Module
+    source_is_norm: bool
+    targets: tuple[nn.Module, ...]
+    source_rows: slice | None = None
+    kv_group: int = 1
+    head_dim: int = 0
+
+
+def fold_groups(model: nn.Module, block: nn.Module) -> list[FoldGroup]:
+    """Every exact scale-folding site of ``block``: norm→projections, v→o and up→down."""
+    spec = get_spec(model)
+    shape = attention_shape(model.config)
+    qkv_targets = (get_module(block, spec.qkv),) if spec.qkv else tuple(
+        get_module(block, n) for n in (spec.q, spec.k, spec.v)
+    )
+    mlp_targets = (get_module(block, spec.gate_up),) if spec.gate_up else tuple(
+        get_module(block, n) for n in (spec.gate, spec.up) if n
+    )
+    groups = [
+        FoldGroup("attn_norm->qkv", get_module(block, spec.attn_norm), True, qkv_targets),
+        FoldGroup("mlp_norm->gate_up", get_module(block, spec.mlp_norm), True, mlp_targets),
+    ]
+    # v's output rows reach o's input columns unchanged (attention mixes positions, not channels).
+    if spec.qkv:
+        start = shape.q_rows + shape.kv_rows
+        v_source, v_rows = get_module(block, spec.qkv), slice(start, start + shape.kv_rows)
+    else:
+        v_source, v_rows = get_module(block, spec.v), None
+    groups.append(
+        FoldGroup(
+            "v->o",
+            v_source,
+            False,
+            (get_module(block, spec.o),),
+            source_rows=v_rows,
+            kv_group=shape.num_heads // shape.num_kv_heads,
+            head_dim=shape.head_dim,
+        )
+    )
+    if spec.gated_mlp:
+        down = get_module(block, spec.down)
+        if spec.gate_up:
+            ffn = weight_out_in(down).shape[1]
+            groups.append(
+                FoldGroup("up->down", get_module(block, spec.gate_up), False, (down,), slice(ffn, 2 * ffn))
+            )
+        else:
+            groups.append(FoldGroup("up->down", get_module(block, spec.up), False, (down,)))
+    return groups

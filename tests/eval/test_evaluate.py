@@ -1,0 +1,57 @@
+import copy
+
+import pytest
+import torch
+
+import slmkit
+from slmkit.errors import SlmkitError
+from slmkit.models.record import get_record
+from tests.conftest import tiny_model
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text(" ".join(f"word{i % 97} and more words" for i in range(600)))
+    return str(path)
+
+
+def test_against_itself_and_a_perturbed_copy(text_file, smollm2_tokenizer):
+    model = tiny_model("llama", vocab_size=len(smollm2_tokenizer))
+    get_record(model).tokenizer = smollm2_tokenizer
+    config = slmkit.EvalConfig(source=text_file, split="all", max_tokens=256, seq_len=64, batch_size=2)
+    same = slmkit.evaluate(model, reference=copy.deepcopy(model), config=config)
+    assert same.tokens == 4 * 63
+    assert same.kl_mean < 1e-6 and same.top1_agreement == 1.0
+    assert same.perplexity == pytest.approx(same.reference_perplexity)
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed.model.layers[0].mlp.down_proj.weight.mul_(3.0)
+    report = slmkit.evaluate(changed, reference=model, config=config)
+    assert report.kl_mean > 1e-4 and report.kl_p99 >= report.kl_mean
+    assert report.top1_agreement < 1.0
+    assert report.weight_bytes == report.reference_weight_bytes > 0
+    assert "perplexity (reference → model)" in report.table()
+    assert get_record(changed).metrics["eval"]["kl_mean"] == report.kl_mean
+
+
+def test_without_reference(text_file, smollm2_tokenizer):
+    model = tiny_model("qwen2", vocab_size=len(smollm2_tokenizer))
+    config = slmkit.EvalConfig(source=text_file, split="all", max_tokens=128, seq_len=64)
+    report = slmkit.evaluate(model, config=config, tokenizer=smollm2_tokenizer)
+    assert report.kl_mean is None and report.perplexity > 1
+    assert "perplexity" in report.table()
+
+
+def test_vocabulary_mismatch_is_refused(text_file, smollm2_tokenizer):
+    model = tiny_model("llama", vocab_size=len(smollm2_tokenizer))
+    other = tiny_model("llama", vocab_size=300)
+    config = slmkit.EvalConfig(source=text_file, split="all", max_tokens=128, seq_len=64)
+    with pytest.raises(SlmkitError, match="vocabulary"):
+        slmkit.evaluate(model, reference=other, config=config, tokenizer=smollm2_tokenizer)
+
+
+def test_model_without_tokenizer_is_a_clear_error(text_file):
+    with pytest.raises(SlmkitError, match="no tokenizer"):
+        slmkit.evaluate(tiny_model("llama"), config=slmkit.EvalConfig(source=text_file, split="all",
+                                                                      max_tokens=128, seq_len=64))

@@ -1,0 +1,63 @@
+import pytest
+import torch
+
+from slmkit.errors import SlmkitError
+from slmkit.models import arch
+from tests.conftest import FAMILIES, tiny_config, tiny_model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_resolves(family):
+    model = tiny_model(family)
+    spec = arch.get_spec(model)
+    assert spec.family == family
+    layers = arch.blocks(model)
+    assert len(layers) == 2
+    names = [name for name, _ in arch.block_linears(model, layers[0])]
+    assert names == spec.linear_names()
+    for name, module in arch.block_linears(model, layers[0]):
+        weight = arch.weight_out_in(module)
+        assert weight.ndim == 2
+    for path in (spec.embed, spec.final_norm, spec.lm_head):
+        arch.get_module(model, path)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fold_groups_have_matching_shapes(family):
+    model = tiny_model(family)
+    block = arch.blocks(model)[0]
+    groups = {g.name: g for g in arch.fold_groups(model, block)}
+    expected = {"attn_norm->qkv", "mlp_norm->gate_up", "v->o"} | ({"up->down"} if family != "gpt2" else set())
+    assert set(groups) == expected
+    shape = arch.attention_shape(model.config)
+    v_o = groups["v->o"]
+    rows = arch.weight_out_in(v_o.source)[v_o.source_rows or slice(None)].shape[0]
+    assert rows == shape.kv_rows
+    assert arch.weight_out_in(v_o.targets[0]).shape[1] == rows * v_o.kv_group
+    for name in ("attn_norm->qkv", "mlp_norm->gate_up"):
+        group = groups[name]
+        width = group.source.weight.shape[0]
+        assert all(arch.weight_out_in(t).shape[1] == width for t in group.targets)
+
+
+def test_weight_view_edits_module_in_place():
+    model = tiny_model("gpt2")
+    module = arch.get_module(arch.blocks(model)[0], "attn.c_attn")  # Conv1D, weight stored (in, out)
+    view = arch.weight_out_in(module)
+    assert view.shape == (module.weight.shape[1], module.weight.shape[0])
+    view[0].zero_()
+    assert torch.all(module.weight[:, 0] == 0)
+
+
+def test_unsupported_architecture_lists_supported():
+    import transformers
+
+    config = transformers.OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
+                                    num_attention_heads=2, word_embed_proj_dim=16)
+    with pytest.raises(SlmkitError, match=r"architecture 'opt' is not supported; supported: .*gpt2.*llama"):
+        arch.get_spec(config)
+
+
+def test_supported_list_covers_the_families():
+    assert set(FAMILIES) <= set(arch.supported_model_types())
+    assert tiny_config("llama").model_type == "llama"

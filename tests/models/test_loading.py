@@ -1,0 +1,72 @@
+import pytest
+import torch
+
+import slmkit
+from slmkit.errors import SlmkitError
+from slmkit.models.loading import resolve_source
+from tests.conftest import random_tokens, tiny_model
+
+
+def test_local_hf_directory(tmp_path):
+    model = tiny_model("mistral")
+    model.save_pretrained(tmp_path / "hf")
+    loaded = slmkit.load_model(tmp_path / "hf")
+    tokens = random_tokens(1, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, model(tokens).logits)
+    assert loaded.slmkit.source == str(tmp_path / "hf")
+    assert not loaded.training
+
+
+def test_dtype_and_bad_dtype(tmp_path):
+    tiny_model("llama").save_pretrained(tmp_path / "hf")
+    assert next(slmkit.load_model(tmp_path / "hf", dtype="bfloat16").parameters()).dtype == torch.bfloat16
+    with pytest.raises(SlmkitError, match="unknown dtype 'float8'"):
+        slmkit.load_model(tmp_path / "hf", dtype="float8")
+
+
+def test_source_classification(tmp_path):
+    assert resolve_source("smollm2-135m") == ("embedded", "smollm2-135m")
+    assert resolve_source("HuggingFaceTB/SmolLM2-135M") == ("hub", "HuggingFaceTB/SmolLM2-135M")
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    assert resolve_source(tmp_path / "model.gguf")[0] == "gguf"
+    assert resolve_source(tmp_path)[0] == "gguf"  # a folder with one .gguf file
+
+
+@pytest.mark.parametrize("source, message", [
+    ("./does/not/exist", "no such file or directory"),
+    ("missing.gguf", "no such file or directory"),
+])
+def test_missing_paths(source, message):
+    with pytest.raises(SlmkitError, match=message):
+        slmkit.load_model(source)
+
+
+def test_directory_without_model(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(SlmkitError, match="no config.json"):
+        slmkit.load_model(tmp_path)
+
+
+def test_hub_id_offline_and_not_cached(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    with pytest.raises(SlmkitError, match=r"could not load 'someone/not-cached-model' from the Hugging Face hub"):
+        slmkit.load_model("someone/not-cached-model")
+
+
+def test_unsupported_architecture(tmp_path):
+    import transformers
+
+    config = transformers.OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
+                                    num_attention_heads=2, word_embed_proj_dim=16)
+    transformers.OPTForCausalLM(config).save_pretrained(tmp_path / "opt")
+    with pytest.raises(SlmkitError, match="architecture 'opt' is not supported"):
+        slmkit.load_model(tmp_path / "opt")
+
+
+def test_embedded_default_loads_with_tokenizer(smollm2_path):
+    model = slmkit.load_model("smollm2-135m")
+    assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
+    assert model.slmkit.tokenizer is not None and model.slmkit.tokenizer.chat_template
+    assert "quantization_config" not in model.config.to_dict()  # a plain float model, saveable

@@ -1,0 +1,110 @@
+import copy
+
+import pytest
+import torch
+
+import slmkit
+from slmkit import calib as calibration
+from slmkit.models import arch
+from slmkit.quantize.linear import W8A8Linear
+from slmkit.quantize.smoothquant import (FOLD_SITES, SmoothQuantConfig, expand_heads, group_heads, smooth_block,
+                                         smoothing_scales)
+from tests.conftest import FAMILIES, random_tokens, tiny_model
+
+
+def test_smoothing_scales_formula():
+    act = torch.tensor([4.0, 1.0, 0.0])
+    weight = torch.tensor([1.0, 4.0, 2.0])
+    scales = smoothing_scales(act, weight, alpha=0.5)
+    assert torch.allclose(scales[:2], torch.tensor([2.0, 0.5]))
+    assert scales[2] == 1.0  # a channel that never fires is left alone
+
+
+def test_head_grouping_round_trip():
+    per_channel = torch.arange(24.0)  # 6 query heads of dim 4 sharing 2 kv heads (groups of 3)
+    grouped = group_heads(per_channel, kv_group=3, head_dim=4)
+    assert grouped.tolist() == [8, 9, 10, 11, 20, 21, 22, 23]
+    expanded = expand_heads(grouped, kv_group=3, head_dim=4)
+    assert expanded.shape == (24,) and expanded[:12].tolist() == [8, 9, 10, 11] * 3
+
+
+def _smooth_only(model, tokens, alpha=0.5):
+    """Run the layerwise walk applying smoothing but no quantization."""
+    config = SmoothQuantConfig(alpha=alpha)
+    for layer in calibration.layerwise(model, tokens, batch_size=2):
+        linears = dict(arch.block_linears(model, layer.block))
+        stats = calibration.input_abs_max(layer, linears)
+        smooth_block(model, layer.block, stats, config)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_smoothing_alone_keeps_outputs(family):
+    model = tiny_model(family)
+    tokens = random_tokens(4, 16)
+    with torch.no_grad():
+        before = model(tokens).logits
+    smoothed = copy.deepcopy(model)
+    _smooth_only(smoothed, tokens)
+    with torch.no_grad():
+        after = smoothed(tokens).logits
+    changed = any(not torch.equal(a, b) for a, b in zip(model.parameters(), smoothed.parameters()))
+    assert changed, "smoothing changed no weight"
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("activations", ["dynamic", "static"])
+def test_w8a8_every_family(family, activations):
+    model = tiny_model(family)
+    reference = copy.deepcopy(model)
+    tokens = random_tokens(4, 16)
+    slmkit.quantize(model, SmoothQuantConfig(activations=activations), calib=tokens)
+    quantized = [m for m in model.modules() if isinstance(m, W8A8Linear)]
+    assert len(quantized) == 2 * len(arch.get_spec(model).linear_names())
+    assert all(m.weight.dtype == torch.int8 for m in quantized)
+    assert model.slmkit.steps == [{"smoothquant": SmoothQuantConfig(activations=activations).to_dict()}]
+    test_tokens = random_tokens(2, 16, seed=1)
+    with torch.no_grad():
+        ref_logits, logits = reference(test_tokens).logits, model(test_tokens).logits
+    sqnr = 10 * torch.log10(ref_logits.pow(2).sum() / (ref_logits - logits).pow(2).sum())
+    assert sqnr > 20, f"logit SQNR {sqnr:.1f} dB"
+
+
+def test_skip_regex_keeps_modules_float():
+    model = tiny_model("llama")
+    slmkit.quantize(model, SmoothQuantConfig(skip=[r"layers\.1\.", r"down_proj"]), calib=random_tokens(2, 8))
+    assert isinstance(model.model.layers[0].self_attn.q_proj, W8A8Linear)
+    assert isinstance(model.model.layers[0].mlp.down_proj, torch.nn.Linear)
+    assert isinstance(model.model.layers[1].self_attn.q_proj, torch.nn.Linear)
+    assert "model.layers.0.self_attn.q_proj" in model.slmkit.modules
+    assert "model.layers.1.self_attn.q_proj" not in model.slmkit.modules
+
+
+def _outlier_model():
+    """A tiny llama whose norm outputs have a few huge channels, as real LLM activations do."""
+    model = tiny_model("llama", seed=3)
+    with torch.no_grad():
+        for block in model.model.layers:
+            block.input_layernorm.weight[[3, 17]] *= 60
+            block.post_attention_layernorm.weight[[5, 40]] *= 60
+    return model
+
+
+def test_smoothing_beats_plain_w8a8_on_outliers():
+    reference = _outlier_model()
+    tokens, test_tokens = random_tokens(8, 32), random_tokens(4, 32, seed=9)
+    errors = {}
+    for smoothing in (False, True):
+        model = copy.deepcopy(reference)
+        slmkit.quantize(model, SmoothQuantConfig(smoothing=smoothing, fold_sites=list(FOLD_SITES)), calib=tokens)
+        with torch.no_grad():
+            errors[smoothing] = (model(test_tokens).logits - reference(test_tokens).logits).pow(2).mean().item()
+    assert errors[True] < 0.5 * errors[False], errors
+
+
+def test_quantize_refuses_wrong_category_and_config_type():
+    from slmkit.config import ConfigError
+
+    model = tiny_model("llama")
+    with pytest.raises(ConfigError):
+        slmkit.quantize(model, object())  # not a config

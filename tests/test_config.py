@@ -1,0 +1,45 @@
+import dataclasses
+
+import pytest
+
+import slmkit  # noqa: F401  (registers the built-in transforms)
+from slmkit.config import BaseConfig, ConfigError, config_from_step, lookup
+from slmkit.quantize import SmoothQuantConfig
+
+
+def test_unknown_key_names_key_and_allowed():
+    with pytest.raises(ConfigError, match=r"unknown key 'alhpa'; allowed keys: alpha, smoothing"):
+        SmoothQuantConfig.from_dict({"alhpa": 0.5})
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"alpha": 1.5}, r"alpha must be in \[0.0, 1.0\]"),
+    ({"alpha": "high"}, r"alpha must be a float"),
+    ({"activations": "per-row"}, r"activations must be one of 'dynamic', 'static'"),
+    ({"fold_sites": ["q->k"]}, r"fold_sites\[\] must be one of"),
+    ({"skip": ["("]}, r"not a valid regex"),
+    ({"smoothing": "yes"}, r"smoothing must be bool"),
+])
+def test_bad_values_name_the_field(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        SmoothQuantConfig.from_dict(fields)
+
+
+def test_round_trip_through_dict():
+    config = SmoothQuantConfig(alpha=0.7, activations="static", skip=["down_proj"])
+    assert SmoothQuantConfig.from_dict(config.to_dict()) == config
+
+
+def test_step_parsing_and_registry():
+    config = config_from_step({"smoothquant": {"alpha": 0.6}}, "steps[0]")
+    assert isinstance(config, SmoothQuantConfig) and config.alpha == 0.6
+    assert lookup(config).needs_calibration
+    with pytest.raises(ConfigError, match=r"unknown step 'smoothqunt'; available steps: .*smoothquant"):
+        config_from_step({"smoothqunt": {}}, "steps[0]")
+    with pytest.raises(ConfigError, match="exactly one key"):
+        config_from_step({"smoothquant": {}, "other": {}}, "steps[0]")
+
+
+def test_configs_are_dataclasses_with_docstrings():
+    assert dataclasses.is_dataclass(SmoothQuantConfig) and issubclass(SmoothQuantConfig, BaseConfig)
+    assert SmoothQuantConfig.__doc__

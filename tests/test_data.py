@@ -1,0 +1,80 @@
+import json
+
+import pytest
+import torch
+
+from slmkit import data
+from slmkit.config import ConfigError
+from slmkit.errors import SlmkitError
+
+
+def test_pack_blocks_random_is_seeded_and_non_overlapping():
+    stream = torch.arange(1000)
+    a = data.pack_blocks(stream, 10, 5, "random", seed=1)
+    b = data.pack_blocks(stream, 10, 5, "random", seed=1)
+    c = data.pack_blocks(stream, 10, 5, "random", seed=2)
+    assert a.shape == (5, 10) and torch.equal(a, b) and not torch.equal(a, c)
+    assert (a[:, 0] % 10 == 0).all()  # aligned, non-overlapping blocks
+    assert len(set(a[:, 0].tolist())) == 5
+
+
+def test_pack_blocks_spread_covers_the_stream():
+    blocks = data.pack_blocks(torch.arange(100), 10, 4, "spread")
+    assert blocks[:, 0].tolist() == [0, 30, 60, 90]
+
+
+def test_too_short_text_is_a_clear_error():
+    with pytest.raises(SlmkitError, match=r"text too short: 15 tokens, need at least 40"):
+        data.pack_blocks(torch.arange(15), 10, 4, "random")
+
+
+def test_local_files(tmp_path):
+    (tmp_path / "a.txt").write_text("hello world\r\nsecond line\n")
+    assert data.load_texts(str(tmp_path / "a.txt")) == ["hello world\nsecond line"]
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "one"}) + "\n\n" + json.dumps({"text": "two"}) + "\n")
+    assert data.load_texts(str(tmp_path / "b.jsonl")) == ["one", "two"]
+    (tmp_path / "bad.jsonl").write_text('{"body": 1}\n')
+    with pytest.raises(SlmkitError, match=r"bad.jsonl:1: expected a JSON object with a 'text' field"):
+        data.load_texts(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(SlmkitError, match="is empty"):
+        data.load_texts(str(tmp_path / "empty.txt"))
+    with pytest.raises(SlmkitError, match="no such text file"):
+        data.load_texts(str(tmp_path / "missing.txt"))
+    with pytest.raises(SlmkitError, match="unsupported text file type"):
+        (tmp_path / "c.csv").write_text("x")
+        data.load_texts(str(tmp_path / "c.csv"))
+
+
+def test_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["alpha", "", "beta"]}), tmp_path / "d.parquet")
+    assert data.load_texts(str(tmp_path / "d.parquet")) == ["alpha", "beta"]
+
+
+def test_hf_dataset_spec_errors():
+    with pytest.raises(SlmkitError, match="expected hf:NAME"):
+        data.load_texts("hf:")
+
+
+def test_data_config_validation():
+    with pytest.raises(ConfigError, match="split must be one of"):
+        data.DataConfig(split="train")
+    with pytest.raises(ConfigError, match="num_blocks must be"):
+        data.DataConfig(num_blocks=0)
+
+
+def test_embedded_split_is_by_work_and_never_overlaps():
+    calib_files = {p.name for p in data.embedded_files("calib")}
+    eval_files = {p.name for p in data.embedded_files("eval")}
+    assert eval_files == {"hamlet_gut.txt", "paradise_regained_gut.txt"}
+    assert not calib_files & {"hamlet_gut.txt", "hamlet_gut_f.txt", "paradise_regained_gut.txt", "paradiseregained.txt"}
+    assert len(calib_files) > 50
+    calib_text = "\n".join(data.load_texts("embedded", "calib"))
+    eval_lines = {line.strip() for text in data.load_texts("embedded", "eval") for line in text.splitlines()}
+    long_lines = [line for line in eval_lines if len(line) >= 50]
+    assert len(long_lines) > 500
+    shared = [line for line in long_lines if line in calib_text]
+    assert shared == [], shared[:3]
