@@ -168,3 +168,13 @@ def row_sampler(max_rows: int, total_rows: int) -> Callable[[torch.Tensor, torch
         return rows if state is None else torch.cat([state, rows])
 
     return reduce
+
+
+def combine(*reducers: Callable) -> Callable[[torch.Tensor, tuple | None], tuple]:
+    """One reduce computing several statistics in the same block run; the state is a tuple of theirs."""
+
+    def reduce(x: torch.Tensor, state: tuple | None) -> tuple:
+        states = state if state is not None else (None,) * len(reducers)
+        return tuple(r(x, s) for r, s in zip(reducers, states))
+
+    return reduce

@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from slmkit.config import BaseConfig, ConfigError, apply_step, config_from_step, lookup
-from slmkit.data import DataConfig, token_blocks
+from slmkit.data import DataConfig, load_texts, token_blocks
 from slmkit.errors import SlmkitError
 from slmkit.eval import EvalConfig, EvalReport, evaluate
 from slmkit.models.checkpoint import save
@@ -138,6 +138,14 @@ def _resume_point(partial: Path, recipe: Recipe, overwrite: bool) -> int:
     raise SlmkitError(f"{partial} holds a partial run of a different recipe; delete it or pass --overwrite")
 
 
+def _check_texts(recipe: Recipe) -> None:
+    """Fail before any model work when the calibration or evaluation text is missing or empty."""
+    if any(lookup(step).needs_calibration for step in recipe.steps):
+        load_texts(recipe.calibration.source, recipe.calibration.split)
+    if recipe.evaluation is not None:
+        load_texts(recipe.evaluation.source, recipe.evaluation.split)
+
+
 def run_recipe(recipe: Recipe | str | os.PathLike, output: str | os.PathLike | None = None,
                overwrite: bool = False, model: str | None = None, device: str = "cpu") -> RecipeResult:
     """Run a recipe: load → steps → evaluate against the original → save.
@@ -162,6 +170,7 @@ def run_recipe(recipe: Recipe | str | os.PathLike, output: str | os.PathLike | N
     partial = _partial_dir(output) if output is not None else None
     done = _resume_point(partial, recipe, overwrite) if partial is not None else 0
     seconds: dict[str, float] = {}
+    _check_texts(recipe)
 
     start = time.perf_counter()
     if done:

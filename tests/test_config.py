@@ -8,7 +8,7 @@ from slmkit.quantize import SmoothQuantConfig
 
 
 def test_unknown_key_names_key_and_allowed():
-    with pytest.raises(ConfigError, match=r"unknown key 'alhpa'; allowed keys: alpha, smoothing"):
+    with pytest.raises(ConfigError, match=r"unknown key .alhpa.; allowed keys: alpha, alpha_grid"):
         SmoothQuantConfig.from_dict({"alhpa": 0.5})
 
 

@@ -215,15 +215,15 @@ def smoothquant(model: nn.Module, config: SmoothQuantConfig, calib: torch.Tensor
     layers_path = spec.layers
     for layer in calibration.layerwise(model, calib, config.batch_size, desc="smoothquant"):
         linears = list(block_linears(model, layer.block))
-        if config.smoothing or config.activations == "static":
+        input_abs_max, samples = {}, None
+        if config.smoothing and config.alpha_grid:  # one block run collects both statistics
+            sampler = calibration.row_sampler(config.search_tokens, calib.numel())
+            both = calibration.observe_inputs(layer, dict(linears), calibration.combine(calibration.abs_max_reduce, sampler))
+            input_abs_max = {name: stats[0] for name, stats in both.items()}
+            samples = {name: stats[1] for name, stats in both.items()}
+        elif config.smoothing or config.activations == "static":
             input_abs_max = calibration.input_abs_max(layer, dict(linears))
-        else:
-            input_abs_max = {}
         if config.smoothing:
-            samples = None
-            if config.alpha_grid:
-                sampler = calibration.row_sampler(config.search_tokens, calib.numel())
-                samples = calibration.observe_inputs(layer, dict(linears), sampler)
             chosen = smooth_block(model, layer.block, input_abs_max, config, samples)
             record.metrics.setdefault("smoothquant_alpha", {})[str(layer.index)] = chosen
             linears = list(block_linears(model, layer.block))

@@ -48,11 +48,19 @@ def test_directory_without_model(tmp_path):
         slmkit.load_model(tmp_path)
 
 
-def test_hub_id_offline_and_not_cached(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    with pytest.raises(SlmkitError, match=r"could not load 'someone/not-cached-model' from the Hugging Face hub"):
-        slmkit.load_model("someone/not-cached-model")
+def test_hub_id_offline_and_not_cached(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    # huggingface_hub reads HF_HUB_OFFLINE at import time, so run a fresh interpreter, as a user would.
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"))
+    result = subprocess.run([sys.executable, "-m", "slmkit.cli", "eval", "someone/not-cached-model"],
+                            capture_output=True, text=True, env=env)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("slmkit: error: could not load 'someone/not-cached-model' from the Hugging Face hub")
+    assert "HF_HUB_OFFLINE is set" in last
 
 
 def test_unsupported_architecture(tmp_path):

@@ -108,3 +108,29 @@ def test_quantize_refuses_wrong_category_and_config_type():
     model = tiny_model("llama")
     with pytest.raises(ConfigError):
         slmkit.quantize(model, object())  # not a config
+
+
+def test_alpha_search_picks_from_grid_and_beats_a_bad_fixed_alpha():
+    reference = _outlier_model()
+    tokens, test_tokens = random_tokens(8, 32), random_tokens(4, 32, seed=9)
+    grid = [0.0, 0.25, 0.5, 0.75, 1.0]
+    searched = copy.deepcopy(reference)
+    slmkit.quantize(searched, SmoothQuantConfig(alpha_grid=grid, search_tokens=64), calib=tokens)
+    chosen = searched.slmkit.metrics["smoothquant_alpha"]
+    assert set(chosen) == {"0", "1"}
+    assert all(alpha in grid for site in chosen.values() for alpha in site.values())
+    fixed = copy.deepcopy(reference)
+    slmkit.quantize(fixed, SmoothQuantConfig(alpha=0.0), calib=tokens)
+    with torch.no_grad():
+        ref = reference(test_tokens).logits
+        error = lambda m: (m(test_tokens).logits - ref).pow(2).mean().item()  # noqa: E731
+        assert error(searched) < error(fixed)
+
+
+def test_output_error_is_zero_for_exactly_representable_values():
+    from slmkit.quantize.smoothquant import w8a8_output_error
+
+    x = torch.tensor([[127.0, -64.0, 1.0]])
+    weight = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.5, 0.0]]) * 127 / 127
+    assert w8a8_output_error(x, weight, torch.ones(3), "dynamic") < 1e-3
+    assert w8a8_output_error(torch.randn(16, 8), torch.randn(4, 8), torch.ones(8), "static") > 0

@@ -1,0 +1,92 @@
+import pytest
+
+from slmkit.cli import build_parser, main
+
+
+@pytest.mark.parametrize("command", ["run", "eval", "generate", "info"])
+def test_every_command_has_help_with_examples(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and f"slmkit {command}" in out
+
+
+def test_top_level_help_lists_commands(capsys):
+    assert main([]) == 2
+    out = capsys.readouterr().out
+    for command in ("run", "eval", "generate", "info"):
+        assert command in out
+    assert build_parser().prog == "slmkit"
+
+
+def _one_line_error(capsys, argv, expected):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    err = err.splitlines()[-1]  # progress bars may come before the error line
+    assert err.startswith("slmkit: error: ")
+    assert expected in err
+    return err
+
+
+def test_missing_model_path(capsys):
+    _one_line_error(capsys, ["eval", "./no/such/model"], "no such file or directory")
+
+
+def test_missing_recipe(capsys, tmp_path):
+    _one_line_error(capsys, ["run", str(tmp_path / "nope.yaml")], "no such recipe file")
+
+
+def test_unknown_recipe_key(capsys, tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("steps:\n  - smoothquant: {alpah: 0.5}\n")
+    _one_line_error(capsys, ["run", str(recipe)], "unknown key 'alpah'; allowed keys: alpha")
+
+
+def test_invalid_yaml(capsys, tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("steps: [\n")
+    _one_line_error(capsys, ["run", str(recipe)], "invalid YAML")
+
+
+def test_existing_output_directory_is_not_overwritten(capsys, tmp_path):
+    recipe = tmp_path / "ok.yaml"
+    recipe.write_text("steps:\n  - smoothquant: {}\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    _one_line_error(capsys, ["run", str(recipe), "--output", str(out)], "already exists")
+    assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_empty_calibration_text(capsys, tmp_path, smollm2_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {smollm2_path}\ncalibration: {{source: {empty}}}\nevaluation: null\n"
+                      "steps:\n  - smoothquant: {}\n")
+    _one_line_error(capsys, ["run", str(recipe), "--output", str(tmp_path / "o")], "is empty")
+    assert not (tmp_path / "o").exists()
+
+
+def test_short_calibration_text(capsys, tmp_path, smollm2_path):
+    short = tmp_path / "short.txt"
+    short.write_text("To be, or not to be.")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {smollm2_path}\ncalibration: {{source: {short}}}\nevaluation: null\n"
+                      "steps:\n  - smoothquant: {}\n")
+    _one_line_error(capsys, ["run", str(recipe), "--output", str(tmp_path / "o")], "text too short")
+
+
+def test_info_on_a_non_checkpoint(capsys, tmp_path):
+    _one_line_error(capsys, ["info", str(tmp_path)], "slmkit.json: missing")
+
+
+def test_debug_shows_traceback(capsys):
+    assert main(["--debug", "eval", "./no/such/model"]) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_bad_eval_option(capsys):
+    _one_line_error(capsys, ["eval", "smollm2-135m", "--seq-len", "0"], "seq_len must be")
