@@ -60,23 +60,15 @@ def test_existing_output_directory_is_not_overwritten(capsys, tmp_path):
     assert (out / "keep.txt").read_text() == "precious"
 
 
-def test_empty_calibration_text(capsys, tmp_path, smollm2_path):
-    empty = tmp_path / "empty.txt"
-    empty.write_text("\n")
+@pytest.mark.parametrize("text, message", [("\n", "is empty"), ("To be, or not to be.", "text too short")])
+def test_bad_calibration_text(capsys, tmp_path, smollm2_path, text, message):
+    calibration = tmp_path / "calibration.txt"
+    calibration.write_text(text)
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"model: {smollm2_path}\ncalibration: {{source: {empty}}}\nevaluation: null\n"
+    recipe.write_text(f"model: {smollm2_path}\ncalibration: {{source: {calibration}}}\nevaluation: null\n"
                       "steps:\n  - smoothquant: {}\n")
-    _one_line_error(capsys, ["run", str(recipe), "--output", str(tmp_path / "o")], "is empty")
+    _one_line_error(capsys, ["run", str(recipe), "--output", str(tmp_path / "o")], message)
     assert not (tmp_path / "o").exists()
-
-
-def test_short_calibration_text(capsys, tmp_path, smollm2_path):
-    short = tmp_path / "short.txt"
-    short.write_text("To be, or not to be.")
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"model: {smollm2_path}\ncalibration: {{source: {short}}}\nevaluation: null\n"
-                      "steps:\n  - smoothquant: {}\n")
-    _one_line_error(capsys, ["run", str(recipe), "--output", str(tmp_path / "o")], "text too short")
 
 
 def test_info_on_a_non_checkpoint(capsys, tmp_path):

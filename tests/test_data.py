@@ -78,3 +78,16 @@ def test_embedded_split_is_by_work_and_never_overlaps():
     assert len(long_lines) > 500
     shared = [line for line in long_lines if line in calib_text]
     assert shared == [], shared[:3]
+
+
+def test_hf_datasets_path_on_a_local_dataset(tmp_path):
+    """The hf: source goes through datasets.load_dataset; here on a dataset directory we write."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "my_dataset"
+    folder.mkdir()
+    pq.write_table(pa.table({"text": ["first document", "", "second document"]}), folder / "train.parquet")
+    assert data.load_texts(f"hf:{folder}") == ["first document", "second document"]
+    with pytest.raises(SlmkitError, match="could not load dataset"):
+        data.load_texts(f"hf:{folder}::validation")

@@ -88,3 +88,21 @@ def test_cli_info_and_generate(results, tmp_path, capsys):
     assert main(["generate", str(path), "-p", "Say hello.", "--max-new-tokens", "8", "--temperature", "0.9",
                  "--seed", "3"]) == 0
     assert capsys.readouterr().out == first  # same seed, same sample
+
+
+def test_smoothing_alone_keeps_smollm2_outputs(reference, calib):
+    from slmkit import calib as calibration
+    from slmkit.models import arch
+    from slmkit.quantize.smoothquant import smooth_block
+
+    model = copy.deepcopy(reference)
+    config = slmkit.SmoothQuantConfig(alpha=0.5)
+    for layer in calibration.layerwise(model, calib[:4], batch_size=4):
+        stats = calibration.input_abs_max(layer, dict(arch.block_linears(model, layer.block)))
+        smooth_block(model, layer.block, stats, config)
+    tokens = calib[4:6, :128]
+    with torch.no_grad():
+        expected, got = reference(tokens).logits, model(tokens).logits
+    assert not torch.equal(model.model.layers[3].input_layernorm.weight, reference.model.layers[3].input_layernorm.weight)
+    relative = ((got - expected).norm() / expected.norm()).item()
+    assert relative < 1e-4, relative

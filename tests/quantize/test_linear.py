@@ -55,3 +55,15 @@ def test_w8a8_linear_sqnr_floor(act_quant, shape):
 def test_static_needs_calibration():
     with pytest.raises(ValueError, match="input_abs_max"):
         W8A8Linear.from_float(torch.randn(4, 4), None, "static")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16, 17, 257])
+def test_w8a8_linear_on_cuda_matches_cpu(m):
+    torch.manual_seed(0)
+    float_linear = torch.nn.Linear(576, 1536)
+    x = torch.randn(m, 576)
+    module = W8A8Linear.from_float(float_linear.weight.data, float_linear.bias.data, "dynamic")
+    expected = module(x)
+    got = module.cuda()(x.cuda()).cpu()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)

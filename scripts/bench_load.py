@@ -1,0 +1,87 @@
+"""Time loading the embedded model: first load (empty cache: GGUF dequantization + caching) and cached
+loads, each in a fresh Python process; print a table and write JSON + Markdown.
+
+Usage:
+    python scripts/bench_load.py [--repeats 3] [--out benchmarks/results/cpu] [--overwrite]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+PROBE = """
+import time
+start = time.perf_counter()
+import slmkit
+imported = time.perf_counter()
+model = slmkit.load_model("smollm2-135m")
+loaded = time.perf_counter()
+again = slmkit.load_model("smollm2-135m")
+print(f"{imported - start:.3f} {loaded - imported:.3f} {time.perf_counter() - loaded:.3f}")
+"""
+
+
+def run_probe(cache: str) -> tuple[float, float, float]:
+    """(import slmkit, first load_model in the process, a second load_model) in seconds."""
+    env = dict(os.environ, SLMKIT_CACHE=cache, TQDM_DISABLE="1")
+    result = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, check=True)
+    import_s, load_s, again_s = result.stdout.strip().splitlines()[-1].split()
+    return float(import_s), float(load_s), float(again_s)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default="benchmarks/results/cpu")
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    json_file, md_file = out / "load-times.json", out / "load-times.md"
+    if (json_file.exists() or md_file.exists()) and not args.overwrite:
+        print(f"error: {json_file} exists; pass --overwrite", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory() as cache:
+        first = run_probe(cache)
+        cached = [run_probe(cache) for _ in range(args.repeats)]
+    import torch
+    import transformers
+
+    result = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python", *sys.argv]),
+        "device": "cpu",
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__},
+        "first_load_seconds": first[1],
+        "cached_load_seconds": [c[1] for c in cached],
+        "cached_load_median_seconds": statistics.median(c[1] for c in cached),
+        "import_slmkit_median_seconds": statistics.median(c[0] for c in cached),
+        "cached_load_in_warm_process_median_seconds": statistics.median(c[2] for c in cached),
+    }
+    table = "\n".join([
+        "# Loading the embedded SmolLM2-135M-Instruct (CPU, fresh process each)", "",
+        f"{result['date']}, torch {torch.__version__}, transformers {transformers.__version__}.", "",
+        "| load | seconds |", "| --- | --- |",
+        f"| first (empty cache: read GGUF, dequantize, write safetensors cache) | {first[1]:.2f} |",
+        f"| cached, first call in a fresh process (includes transformers' one-time lazy imports), median of {args.repeats} | {result['cached_load_median_seconds']:.2f} |",
+        f"| cached, a second call in the same process, median | {result['cached_load_in_warm_process_median_seconds']:.2f} |",
+        f"| `import slmkit` (not included above), median | {result['import_slmkit_median_seconds']:.2f} |",
+    ]) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    json_file.write_text(json.dumps(result, indent=2) + "\n")
+    md_file.write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
