@@ -24,6 +24,7 @@ from torch import nn
 
 from slmkit import calib as calibration
 from slmkit.config import BaseConfig, ConfigError, check_choice, check_range, check_type, register
+from slmkit.errors import SlmkitError
 from slmkit.models.arch import FoldGroup, block_linears, blocks, fold_groups, get_spec, set_module, weight_out_in
 from slmkit.models.record import get_record
 from slmkit.quantize.linear import W8A8Linear, quantize_per_channel, quantize_per_tensor, quantize_per_token
@@ -213,6 +214,10 @@ def smoothquant(model: nn.Module, config: SmoothQuantConfig, calib: torch.Tensor
     spec = get_spec(model)
     record = get_record(model)
     layers_path = spec.layers
+    for name, module in block_linears(model, blocks(model)[0]):
+        if not module.weight.is_floating_point():
+            raise SlmkitError(f"{layers_path}.0.{name} is already quantized ({type(module).__name__}); "
+                              "SmoothQuant needs a float model")
     for layer in calibration.layerwise(model, calib, config.batch_size, desc="smoothquant"):
         linears = list(block_linears(model, layer.block))
         input_abs_max, samples = {}, None

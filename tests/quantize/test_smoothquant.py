@@ -134,3 +134,12 @@ def test_output_error_is_zero_for_exactly_representable_values():
     weight = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.5, 0.0]]) * 127 / 127
     assert w8a8_output_error(x, weight, torch.ones(3), "dynamic") < 1e-3
     assert w8a8_output_error(torch.randn(16, 8), torch.randn(4, 8), torch.ones(8), "static") > 0
+
+
+def test_quantizing_twice_is_a_clear_error():
+    from slmkit.errors import SlmkitError
+
+    model = tiny_model("llama")
+    slmkit.quantize(model, SmoothQuantConfig(), calib=random_tokens(2, 8))
+    with pytest.raises(SlmkitError, match=r"model.layers.0.self_attn.q_proj is already quantized \(W8A8Linear\)"):
+        slmkit.quantize(model, SmoothQuantConfig(), calib=random_tokens(2, 8))
