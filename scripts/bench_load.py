@@ -8,15 +8,14 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
+
+from slmkit.bench import environment, result_files, write_results
+from slmkit.errors import SlmkitError
 
 PROBE = """
 import time
@@ -44,23 +43,16 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="benchmarks/results/cpu")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
-    out = Path(args.out)
-    json_file, md_file = out / "load-times.json", out / "load-times.md"
-    if (json_file.exists() or md_file.exists()) and not args.overwrite:
-        print(f"error: {json_file} exists; pass --overwrite", file=sys.stderr)
+    try:
+        files = result_files(args.out, "load-times", args.overwrite)
+    except SlmkitError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as cache:
         first = run_probe(cache)
         cached = [run_probe(cache) for _ in range(args.repeats)]
-    import torch
-    import transformers
-
     result = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python", *sys.argv]),
-        "device": "cpu",
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__},
+        **environment(),
         "first_load_seconds": first[1],
         "cached_load_seconds": [c[1] for c in cached],
         "cached_load_median_seconds": statistics.median(c[1] for c in cached),
@@ -69,17 +61,15 @@ def main(argv=None) -> int:
     }
     table = "\n".join([
         "# Loading the embedded SmolLM2-135M-Instruct (CPU, fresh process each)", "",
-        f"{result['date']}, torch {torch.__version__}, transformers {transformers.__version__}.", "",
+        f"{result['date']}, torch {result['versions']['torch']}, transformers {result['versions']['transformers']}.", "",
         "| load | seconds |", "| --- | --- |",
         f"| first (empty cache: read GGUF, dequantize, write safetensors cache) | {first[1]:.2f} |",
         f"| cached, first call in a fresh process (includes transformers' one-time lazy imports), median of {args.repeats} | {result['cached_load_median_seconds']:.2f} |",
         f"| cached, a second call in the same process, median | {result['cached_load_in_warm_process_median_seconds']:.2f} |",
         f"| `import slmkit` (not included above), median | {result['import_slmkit_median_seconds']:.2f} |",
     ]) + "\n"
-    out.mkdir(parents=True, exist_ok=True)
-    json_file.write_text(json.dumps(result, indent=2) + "\n")
-    md_file.write_text(table)
     print(table)
+    write_results(files, result, table)
     return 0
 
 

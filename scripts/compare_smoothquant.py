@@ -13,17 +13,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import json
-import platform
 import sys
 import time
-from pathlib import Path
-
-import torch
 
 import slmkit
 from slmkit import SmoothQuantConfig
+from slmkit.bench import environment, result_files, write_results
 
 GRID = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0]
 VARIANTS = {
@@ -34,15 +29,6 @@ VARIANTS = {
 }
 
 
-def versions() -> dict:
-    import transformers
-    import triton
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "triton": triton.__version__, "slmkit": slmkit.__version__, "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads()}
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -51,10 +37,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="benchmarks/results/cpu")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
-    out = Path(args.out)
-    json_file, md_file = out / "smollm2-w8a8-comparison.json", out / "smollm2-w8a8-comparison.md"
-    if (json_file.exists() or md_file.exists()) and not args.overwrite:
-        print(f"error: {json_file} exists; pass --overwrite", file=sys.stderr)
+    try:
+        files = result_files(args.out, "smollm2-w8a8-comparison", args.overwrite)
+    except slmkit.SlmkitError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
 
     reference = slmkit.load_model(args.model)
@@ -70,13 +56,11 @@ def main(argv=None) -> int:
         rows.append({"variant": name, "config": config.to_dict(), "quantize_seconds": seconds, **report.to_dict()})
         del model
 
-    result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "command": " ".join(["python", *sys.argv]), "device": "cpu", "versions": versions(),
-              "model": args.model, "calibration": {"blocks": args.calib_blocks, "block_len": 512, "split": "calib"},
+    result = {**environment(), "model": args.model, "calibration": {"blocks": args.calib_blocks, "block_len": 512, "split": "calib"},
               "evaluation": eval_config.to_dict(), "rows": rows}
     reference_ppl = rows[0]["reference_perplexity"]
     lines = [f"# W8A8 on {args.model}: quality against the float32 model", "",
-             f"{result['date']}, CPU ({result['versions']['cpu']}, {result['versions']['threads']} threads), "
+             f"{result['date']}, {result['device']['type']} ({result['device']['name']}), "
              f"torch {result['versions']['torch']}, transformers {result['versions']['transformers']}.", "",
              f"Command: `{result['command']}`", "",
              f"Held-out text: {rows[0]['tokens']:,} tokens of the embedded corpus's eval split "
@@ -90,11 +74,8 @@ def main(argv=None) -> int:
                      f"{row['kl_mean']:.4f} | {row['kl_p99']:.4f} | {100 * row['top1_agreement']:.2f}% | "
                      f"{row['weight_bytes'] / 1e6:.1f} MB | {row['quantize_seconds']:.0f} s |")
     table = "\n".join(lines) + "\n"
-    out.mkdir(parents=True, exist_ok=True)
-    json_file.write_text(json.dumps(result, indent=2) + "\n")
-    md_file.write_text(table)
     print(table)
-    print(f"wrote {json_file} and {md_file}")
+    write_results(files, result, table)
     return 0
 
 

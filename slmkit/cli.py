@@ -11,6 +11,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from slmkit._files import ensure_new, write_text_atomic
 from slmkit.errors import SlmkitError
 
 DEFAULT_RECIPE = "recipes/smollm2-w8a8.yaml"
@@ -21,20 +22,12 @@ def _formatter(prog):
 
 
 def _check_new_file(path: str | None, overwrite: bool) -> Path | None:
-    if path is None:
-        return None
-    file = Path(path)
-    if file.exists() and not overwrite:
-        raise SlmkitError(f"{file} already exists; choose another path or pass --overwrite")
-    return file
+    return None if path is None else ensure_new(path, overwrite)
 
 
 def _write_json(file: Path | None, data) -> None:
     if file is not None:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_name(file.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        tmp.replace(file)
+        write_text_atomic(file, json.dumps(data, indent=2) + "\n")
         print(f"wrote {file}")
 
 

@@ -189,11 +189,16 @@ class DataConfig(BaseConfig):
         check_choice("sampling", self.sampling, ("random", "spread"))
 
 
-def token_blocks(tokenizer, config: DataConfig) -> torch.Tensor:
-    """Load, tokenize and pack the text described by ``config`` → LongTensor (num_blocks, block_len)."""
+def token_blocks(tokenizer, config: DataConfig, texts: list[str] | None = None) -> torch.Tensor:
+    """Load, tokenize and pack the text described by ``config`` → LongTensor (num_blocks, block_len).
+
+    ``texts``: the documents of ``config``'s source when the caller already loaded them.
+    """
     if tokenizer is None:
         raise SlmkitError("this model has no tokenizer; load it with slmkit.load_model or pass one")
-    stream = tokenize_stream(tokenizer, load_texts(config.source, config.split))
+    if texts is None:
+        texts = load_texts(config.source, config.split)
+    stream = tokenize_stream(tokenizer, texts)
     return pack_blocks(stream, config.block_len, config.num_blocks, config.sampling, config.seed)
 
 

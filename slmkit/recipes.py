@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from slmkit._files import ensure_new
 from slmkit.config import BaseConfig, ConfigError, apply_step, config_from_step, lookup
 from slmkit.data import DataConfig, load_texts, token_blocks
 from slmkit.errors import SlmkitError
@@ -119,11 +120,6 @@ def _partial_dir(output: Path) -> Path:
     return output.with_name(output.name + ".partial")
 
 
-def _check_output(output: Path | None, overwrite: bool) -> None:
-    if output is not None and output.exists() and not overwrite:
-        raise SlmkitError(f"{output} already exists; choose another output or pass --overwrite")
-
-
 def _resume_point(partial: Path, recipe: Recipe, overwrite: bool) -> int:
     """How many steps a previous interrupted run of this recipe finished (0 when starting afresh)."""
     state_file = partial / "state.json"
@@ -138,12 +134,16 @@ def _resume_point(partial: Path, recipe: Recipe, overwrite: bool) -> int:
     raise SlmkitError(f"{partial} holds a partial run of a different recipe; delete it or pass --overwrite")
 
 
-def _check_texts(recipe: Recipe) -> None:
-    """Fail before any model work when the calibration or evaluation text is missing or empty."""
-    if any(lookup(step).needs_calibration for step in recipe.steps):
-        load_texts(recipe.calibration.source, recipe.calibration.split)
+def _check_texts(recipe: Recipe) -> list[str] | None:
+    """Fail before any model work when the calibration or evaluation text is missing or empty.
+
+    Returns the calibration documents (None when no step calibrates), so they are read only once.
+    """
     if recipe.evaluation is not None:
         load_texts(recipe.evaluation.source, recipe.evaluation.split)
+    if any(lookup(step).needs_calibration for step in recipe.steps):
+        return load_texts(recipe.calibration.source, recipe.calibration.split)
+    return None
 
 
 def run_recipe(recipe: Recipe | str | os.PathLike, output: str | os.PathLike | None = None,
@@ -165,12 +165,11 @@ def run_recipe(recipe: Recipe | str | os.PathLike, output: str | os.PathLike | N
         recipe = Recipe.from_file(recipe)
     if model is not None:
         recipe = dataclasses.replace(recipe, model=model)
-    output = Path(output).expanduser() if output is not None else None
-    _check_output(output, overwrite)
+    output = ensure_new(output, overwrite) if output is not None else None
     partial = _partial_dir(output) if output is not None else None
     done = _resume_point(partial, recipe, overwrite) if partial is not None else 0
     seconds: dict[str, float] = {}
-    _check_texts(recipe)
+    calib_texts = _check_texts(recipe)
 
     start = time.perf_counter()
     if done:
@@ -186,7 +185,7 @@ def run_recipe(recipe: Recipe | str | os.PathLike, output: str | os.PathLike | N
             continue
         start = time.perf_counter()
         if lookup(step).needs_calibration and calib is None:
-            calib = token_blocks(get_record(current).tokenizer, recipe.calibration)
+            calib = token_blocks(get_record(current).tokenizer, recipe.calibration, calib_texts)
         print(f"slmkit: step {index + 1}/{len(recipe.steps)}: {step.name} {json.dumps(step.to_dict())}")
         apply_step(current, step, calib)
         seconds[f"step {index + 1} {step.name}"] = time.perf_counter() - start

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slmkit._files import ensure_new
 from slmkit._version import CHECKPOINT_FORMAT_VERSION, __version__
 from slmkit.errors import SlmkitError
 from slmkit.models.arch import set_module
@@ -74,9 +75,7 @@ def save(model: nn.Module, path: str | os.PathLike, overwrite: bool = False) -> 
     """
     from safetensors.torch import save_model
 
-    target = Path(path).expanduser()
-    if target.exists() and not overwrite:
-        raise SlmkitError(f"{target} already exists; choose another path or pass overwrite=True (--overwrite)")
+    target = ensure_new(path, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:

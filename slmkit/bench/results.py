@@ -1,0 +1,49 @@
+"""Result files of benchmark scripts: what every result records (BENCHMARKS.md) and how it is written."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+from slmkit._files import ensure_new, write_text_atomic
+
+
+def environment() -> dict[str, Any]:
+    """Date, exact command, device and library versions, for the header of every result file."""
+    import torch
+    import transformers
+
+    import slmkit
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
+                "transformers": transformers.__version__, "slmkit": slmkit.__version__}
+    try:
+        import triton
+
+        versions["triton"] = triton.__version__
+    except ImportError:
+        versions["triton"] = None
+    if torch.cuda.is_available():
+        device = {"type": "cuda", "name": torch.cuda.get_device_name(), "cuda": torch.version.cuda}
+    else:
+        device = {"type": "cpu", "name": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(["python", *sys.argv]), "device": device, "versions": versions}
+
+
+def result_files(out_dir: str | Path, stem: str, overwrite: bool) -> tuple[Path, Path]:
+    """The (JSON, Markdown) paths of a result; refused before any work when they exist without overwrite."""
+    out_dir = Path(out_dir)
+    return ensure_new(out_dir / f"{stem}.json", overwrite), ensure_new(out_dir / f"{stem}.md", overwrite)
+
+
+def write_results(files: tuple[Path, Path], data: dict[str, Any], markdown: str) -> None:
+    """Write the JSON and Markdown of a result (each atomically) and say where."""
+    json_file, md_file = files
+    write_text_atomic(json_file, json.dumps(data, indent=2) + "\n")
+    write_text_atomic(md_file, markdown)
+    print(f"wrote {json_file} and {md_file}")
