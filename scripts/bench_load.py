@@ -7,14 +7,13 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 
-from slmkit.bench import environment, result_files, write_results
+from slmkit.bench import environment, result_files, script_parser, write_results
 from slmkit.errors import SlmkitError
 
 PROBE = """
@@ -38,10 +37,8 @@ def run_probe(cache: str) -> tuple[float, float, float]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default="benchmarks/results/cpu")
-    parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     try:
         files = result_files(args.out, "load-times", args.overwrite)

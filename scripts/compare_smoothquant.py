@@ -11,14 +11,13 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 import time
 
 import slmkit
 from slmkit import SmoothQuantConfig
-from slmkit.bench import environment, result_files, write_results
+from slmkit.bench import environment, result_files, script_parser, write_results
 
 GRID = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0]
 VARIANTS = {
@@ -30,12 +29,10 @@ VARIANTS = {
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--calib-blocks", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=16384)
-    parser.add_argument("--out", default="benchmarks/results/cpu")
-    parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     try:
         files = result_files(args.out, "smollm2-w8a8-comparison", args.overwrite)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import platform
@@ -33,6 +34,14 @@ def environment() -> dict[str, Any]:
         device = {"type": "cpu", "name": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join(["python", *sys.argv]), "device": device, "versions": versions}
+
+
+def script_parser(description: str) -> argparse.ArgumentParser:
+    """Argument parser of a benchmark script, with the ``--out`` and ``--overwrite`` every one takes."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="benchmarks/results/cpu", help="folder for the JSON and Markdown results")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing result files")
+    return parser
 
 
 def result_files(out_dir: str | Path, stem: str, overwrite: bool) -> tuple[Path, Path]:
