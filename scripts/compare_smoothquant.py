@@ -17,7 +17,7 @@ import time
 
 import slmkit
 from slmkit import SmoothQuantConfig
-from slmkit.bench import environment, result_files, script_parser, write_results
+from slmkit.bench import environment, finish, markdown_header, markdown_table, result_files, script_parser
 
 GRID = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0]
 VARIANTS = {
@@ -29,10 +29,7 @@ VARIANTS = {
 
 
 def main(argv=None) -> int:
-    parser = script_parser(__doc__)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--calib-blocks", type=int, default=64)
-    parser.add_argument("--max-tokens", type=int, default=16384)
+    parser = script_parser(__doc__, quality=True)
     args = parser.parse_args(argv)
     try:
         files = result_files(args.out, "smollm2-w8a8-comparison", args.overwrite)
@@ -56,25 +53,19 @@ def main(argv=None) -> int:
     result = {**environment(), "model": args.model, "calibration": {"blocks": args.calib_blocks, "block_len": 512, "split": "calib"},
               "evaluation": eval_config.to_dict(), "rows": rows}
     reference_ppl = rows[0]["reference_perplexity"]
-    lines = [f"# W8A8 on {args.model}: quality against the float32 model", "",
-             f"{result['date']}, {result['device']['type']} ({result['device']['name']}), "
-             f"torch {result['versions']['torch']}, transformers {result['versions']['transformers']}.", "",
-             f"Command: `{result['command']}`", "",
-             f"Held-out text: {rows[0]['tokens']:,} tokens of the embedded corpus's eval split "
-             f"(Hamlet, Paradise Regained) in {eval_config.seq_len}-token windows; calibration: "
-             f"{args.calib_blocks} × 512 tokens of the calib split.", "",
-             "| model | perplexity | Δ vs fp32 | KL mean (nats) | KL p99 | top-1 agreement | weights | quantize time |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |",
-             f"| float32 (reference) | {reference_ppl:.3f} | — | — | — | — | {rows[0]['reference_weight_bytes'] / 1e6:.1f} MB | — |"]
+    lines = markdown_header(result, f"W8A8 on {args.model}: quality against the float32 model")
+    lines += [f"Held-out text: {rows[0]['tokens']:,} tokens of the embedded corpus's eval split "
+              f"(Hamlet, Paradise Regained) in {eval_config.seq_len}-token windows; calibration: "
+              f"{args.calib_blocks} × 512 tokens of the calib split.", ""]
+    header = ["model", "perplexity", "Δ vs fp32", "KL mean (nats)", "KL p99", "top-1 agreement", "weights",
+              "quantize time"]
+    table = [["float32 (reference)", f"{reference_ppl:.3f}", "—", "—", "—", "—",
+              f"{rows[0]['reference_weight_bytes'] / 1e6:.1f} MB", "—"]]
     for row in rows:
-        lines.append(f"| {row['variant']} | {row['perplexity']:.3f} | {100 * (row['perplexity'] / reference_ppl - 1):+.2f}% | "
-                     f"{row['kl_mean']:.4f} | {row['kl_p99']:.4f} | {100 * row['top1_agreement']:.2f}% | "
-                     f"{row['weight_bytes'] / 1e6:.1f} MB | {row['quantize_seconds']:.0f} s |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    write_results(files, result, table)
-    return 0
-
+        table.append([row["variant"], f"{row['perplexity']:.3f}", f"{100 * (row['perplexity'] / reference_ppl - 1):+.2f}%",
+                      f"{row['kl_mean']:.4f}", f"{row['kl_p99']:.4f}", f"{100 * row['top1_agreement']:.2f}%",
+                      f"{row['weight_bytes'] / 1e6:.1f} MB", f"{row['quantize_seconds']:.0f} s"])
+    return finish(files, result, lines + markdown_table(header, table))
 
 if __name__ == "__main__":
     sys.exit(main())

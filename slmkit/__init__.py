@@ -1,6 +1,7 @@
 """slmkit: make open Transformer language models smaller and faster, and prove what quality they kept.
 
     model = slmkit.load_model("smollm2-135m")
+    slmkit.prune(model, slmkit.SparseGPTConfig(n_m="2:4"), calib=slmkit.calib_data(model, n=64))
     slmkit.quantize(model, SmoothQuantConfig(alpha=0.5), calib=slmkit.calib_data(model, n=64))
     report = slmkit.evaluate(model, reference="smollm2-135m")
     slmkit.save(model, "out/smollm2-w8a8")
@@ -14,6 +15,9 @@ from slmkit.eval import EvalConfig, EvalReport, evaluate
 from slmkit.generation import generate
 from slmkit.models.checkpoint import save
 from slmkit.models.loading import load_model
+from slmkit.models.modeling import SlmConfig, SlmForCausalLM  # registers model_type "slm" with the Auto classes
+from slmkit.prune import (DepthPruneConfig, MagnitudePruneConfig, SparseGPTConfig, WandaConfig, WidthPruneConfig,
+                          prune)
 from slmkit.quantize import SmoothQuantConfig, quantize
 from slmkit.recipes import Recipe, run_recipe
 
@@ -21,15 +25,23 @@ __all__ = [
     "__version__",
     "BaseConfig",
     "DataConfig",
+    "DepthPruneConfig",
     "EvalConfig",
     "EvalReport",
+    "MagnitudePruneConfig",
     "Recipe",
+    "SlmConfig",
+    "SlmForCausalLM",
     "SlmkitError",
     "SmoothQuantConfig",
+    "SparseGPTConfig",
+    "WandaConfig",
+    "WidthPruneConfig",
     "calib_data",
     "evaluate",
     "generate",
     "load_model",
+    "prune",
     "quantize",
     "run_recipe",
     "save",

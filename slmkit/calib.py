@@ -178,3 +178,28 @@ def combine(*reducers: Callable) -> Callable[[torch.Tensor, tuple | None], tuple
         return tuple(r(x, s) for r, s in zip(reducers, states))
 
     return reduce
+
+
+def cap_length(tokens: torch.Tensor, max_len: int) -> torch.Tensor:
+    """Split calibration sequences longer than ``max_len`` into ``max_len`` pieces (the rest is dropped).
+
+    Activations held per block scale with sequence length; capping it bounds calibration memory
+    (e.g. 128 × 2048 tokens instead of 128 × 8192 at full context) while keeping every token seen.
+    """
+    if tokens.shape[1] <= max_len:
+        return tokens
+    usable = tokens.shape[1] // max_len * max_len
+    return tokens[:, :usable].reshape(-1, max_len)
+
+
+def sq_sum_reduce(x: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
+    """Running per-channel Σ x² over tokens (Wanda's ‖X_j‖² and activation importance)."""
+    current = x.float().pow(2).sum(dim=0)
+    return current if state is None else state + current
+
+
+def gram_reduce(x: torch.Tensor, state: tuple | None) -> tuple[torch.Tensor, int]:
+    """Running (Xᵀ X, token count) in float32: the Hessian SparseGPT and GPTQ need, up to scale."""
+    x = x.float()
+    gram = x.t() @ x
+    return (gram, x.shape[0]) if state is None else (state[0] + gram, state[1] + x.shape[0])

@@ -79,6 +79,18 @@ def check_type(field: str, value: Any, kind: type | tuple) -> None:
         raise ConfigError(f"{field} must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
 
 
+def check_regexes(field: str, patterns: Any) -> None:
+    """Raise ConfigError unless ``patterns`` is a list of valid regular expressions."""
+    import re
+
+    check_type(field, patterns, list)
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError) as error:
+            raise ConfigError(f"{field}: {pattern!r} is not a valid regex ({error})") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class Transform:
     """A registered transform: its config class and the function that applies it."""

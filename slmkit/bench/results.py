@@ -36,11 +36,18 @@ def environment() -> dict[str, Any]:
             "command": " ".join(["python", *sys.argv]), "device": device, "versions": versions}
 
 
-def script_parser(description: str) -> argparse.ArgumentParser:
-    """Argument parser of a benchmark script, with the ``--out`` and ``--overwrite`` every one takes."""
+def script_parser(description: str, quality: bool = False) -> argparse.ArgumentParser:
+    """Argument parser of a benchmark script, with the ``--out`` and ``--overwrite`` every one takes.
+
+    ``quality=True`` adds what quality comparisons take: ``--model``, ``--calib-blocks``, ``--max-tokens``.
+    """
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results/cpu", help="folder for the JSON and Markdown results")
     parser.add_argument("--overwrite", action="store_true", help="replace existing result files")
+    if quality:
+        parser.add_argument("--model", default="smollm2-135m", help="any load_model source")
+        parser.add_argument("--calib-blocks", type=int, default=64, help="calibration blocks of 512 tokens")
+        parser.add_argument("--max-tokens", type=int, default=16384, help="held-out tokens evaluated")
     return parser
 
 
@@ -56,3 +63,26 @@ def write_results(files: tuple[Path, Path], data: dict[str, Any], markdown: str)
     write_text_atomic(json_file, json.dumps(data, indent=2) + "\n")
     write_text_atomic(md_file, markdown)
     print(f"wrote {json_file} and {md_file}")
+
+
+def markdown_header(result: dict[str, Any], title: str) -> list[str]:
+    """Title, date, device, versions and command lines that open every Markdown result."""
+    device, versions = result["device"], result["versions"]
+    return [f"# {title}", "",
+            f"{result['date']}, {device['type']} ({device['name']}), torch {versions['torch']}, "
+            f"triton {versions['triton']}, transformers {versions['transformers']}.", "",
+            f"Command: `{result['command']}`", ""]
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table as lines."""
+    return ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |",
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
+def finish(files: tuple[Path, Path], data: dict[str, Any], lines: list[str]) -> int:
+    """Print the Markdown result, write it with the JSON, and return exit status 0."""
+    table = "\n".join(lines) + "\n"
+    print(table)
+    write_results(files, data, table)
+    return 0

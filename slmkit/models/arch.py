@@ -45,6 +45,11 @@ class ArchSpec:
     transposed_weights: bool = False
     # The MLP multiplies act(gate) by up elementwise, so a scale on up's rows folds into down's columns.
     gated_mlp: bool = True
+    # Norms over the hidden size besides attn_norm / mlp_norm (block-relative), e.g. Gemma-2's post-norms.
+    extra_norms: tuple[str, ...] = ()
+    # Dimensions structured width pruning can shrink for this family. Hidden size needs the embedding to
+    # carry no size-derived scale (Gemma multiplies by sqrt(hidden_size)); heads need separate q/k/v.
+    width_dims: tuple[str, ...] = ("heads", "ffn", "hidden")
 
     def linear_names(self) -> list[str]:
         """Block-relative paths of every linear projection in a block (attention, then MLP)."""
@@ -54,21 +59,33 @@ class ArchSpec:
         names.append(self.down)
         return [n for n in names if n]
 
+    def input_groups(self) -> list[list[str]]:
+        """Block linears grouped by the activation they read (q/k/v share one input, gate/up another).
 
-_LLAMA = ArchSpec(family="llama", model_types=("llama",))
+        Calibration statistics of an input (norms, Hessians) are computed once per group.
+        """
+        attn = [self.qkv] if self.qkv else [self.q, self.k, self.v]
+        mlp = [self.gate_up] if self.gate_up else [n for n in (self.gate, self.up) if n]
+        return [[n for n in attn if n], [self.o], mlp, [self.down]]
+
+
+_LLAMA = ArchSpec(family="llama", model_types=("llama", "slm"))  # slm: SlmForCausalLM (per-layer widths)
 
 ARCHITECTURES: tuple[ArchSpec, ...] = (
     _LLAMA,
     dataclasses.replace(_LLAMA, family="mistral", model_types=("mistral",)),
-    dataclasses.replace(_LLAMA, family="qwen2", model_types=("qwen2",)),
+    # Qwen2's config derives head_dim from hidden_size / heads, so only FFN width can change.
+    dataclasses.replace(_LLAMA, family="qwen2", model_types=("qwen2",), width_dims=("ffn",)),
     dataclasses.replace(_LLAMA, family="qwen3", model_types=("qwen3",)),
-    dataclasses.replace(_LLAMA, family="gemma", model_types=("gemma",), norm_offset=1.0),
+    dataclasses.replace(_LLAMA, family="gemma", model_types=("gemma",), norm_offset=1.0, width_dims=("heads", "ffn")),
     dataclasses.replace(
         _LLAMA,
         family="gemma2",
         model_types=("gemma2",),
         norm_offset=1.0,
         mlp_norm="pre_feedforward_layernorm",  # post_attention_layernorm normalizes attn output
+        extra_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
+        width_dims=("heads", "ffn"),
     ),
     dataclasses.replace(
         _LLAMA,
@@ -81,6 +98,7 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         gate=None,
         up=None,
         gate_up="mlp.gate_up_proj",
+        width_dims=("ffn",),
     ),
     ArchSpec(
         family="gpt2",
@@ -100,6 +118,7 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         down="mlp.c_proj",
         transposed_weights=True,
         gated_mlp=False,
+        width_dims=("ffn",),
     ),
 )
 
@@ -138,12 +157,28 @@ class AttentionShape:
         return self.num_kv_heads * self.head_dim
 
 
-def attention_shape(config) -> AttentionShape:
-    """Read head counts from a transformers config (GQA aware; GPT-2's names are mapped by HF)."""
+def attention_shape(config, layer: int | None = None) -> AttentionShape:
+    """Read head counts from a transformers config (GQA aware; GPT-2's names are mapped by HF).
+
+    Configs with per-layer widths (:class:`slmkit.models.modeling.SlmConfig`) need ``layer``.
+    """
     num_heads = config.num_attention_heads
     num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+    per_layer_heads = getattr(config, "layer_num_heads", None)
+    if per_layer_heads:
+        if layer is None:
+            raise SlmkitError("this model has per-layer head counts; pass the layer index")
+        num_heads, num_kv_heads = per_layer_heads[layer], config.layer_num_kv_heads[layer]
     return AttentionShape(num_heads, num_kv_heads, head_dim)
+
+
+def intermediate_size(config, layer: int) -> int:
+    """FFN width of block ``layer`` (per-layer for SlmConfig models)."""
+    per_layer = getattr(config, "layer_intermediate_sizes", None)
+    if per_layer:
+        return per_layer[layer]
+    return getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * config.hidden_size
 
 
 def get_module(root: nn.Module, path: str) -> nn.Module:
@@ -164,6 +199,14 @@ def set_module(root: nn.Module, path: str, module: nn.Module) -> None:
 def blocks(model: nn.Module) -> nn.ModuleList:
     """The decoder blocks of a model, in order."""
     return get_module(model, get_spec(model).layers)
+
+
+def block_index(model: nn.Module, block: nn.Module) -> int:
+    """Position of ``block`` among the model's decoder blocks."""
+    for index, candidate in enumerate(blocks(model)):
+        if candidate is block:
+            return index
+    raise SlmkitError("block is not one of the model's decoder blocks")
 
 
 def block_linears(model: nn.Module, block: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -204,7 +247,7 @@ class FoldGroup:
 def fold_groups(model: nn.Module, block: nn.Module) -> list[FoldGroup]:
     """Every exact scale-folding site of ``block``: norm→projections, v→o and up→down."""
     spec = get_spec(model)
-    shape = attention_shape(model.config)
+    shape = attention_shape(model.config, block_index(model, block))
     qkv_targets = (get_module(block, spec.qkv),) if spec.qkv else tuple(
         get_module(block, n) for n in (spec.q, spec.k, spec.v)
     )

@@ -22,6 +22,7 @@ from torch import nn
 from slmkit._files import ensure_new
 from slmkit._version import CHECKPOINT_FORMAT_VERSION, __version__
 from slmkit.errors import SlmkitError
+from slmkit.models import compression
 from slmkit.models.arch import set_module
 from slmkit.models.record import ModelRecord, attach_record, get_record
 from slmkit.quantize.linear import W8A8Linear
@@ -48,6 +49,47 @@ def _json_default(value: Any):
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
+def stored_tensors(model: nn.Module, compress: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, dict], dict[str, str]]:
+    """What the weights file holds: (tensors by name, compressed entries, tied aliases).
+
+    Tied tensors (e.g. lm_head = embeddings) are stored once under their first name; ``aliases`` maps
+    the others to it. Sparse tensors for which it is smaller are stored as ``NAME.__values`` +
+    ``NAME.__bitmask`` and listed in ``compressed`` (name → shape and format). A model that is otherwise
+    dense is stored under transformers' own names, so ``from_pretrained`` reads it unchanged.
+    """
+    tensors, compressed, aliases, seen = {}, {}, {}, {}
+    for name, tensor in model.state_dict().items():
+        if type(tensor).__name__.startswith("SparseSemiStructured"):
+            raise SlmkitError(f"{name} is a GPU 2:4 sparse tensor; save the model before to_semi_structured()")
+        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
+        if key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensor = tensor.detach().cpu().contiguous()
+        if compress and compression.should_compress(tensor):
+            values, bitmask = compression.compress(tensor)
+            tensors[f"{name}.__values"], tensors[f"{name}.__bitmask"] = values, bitmask
+            compressed[name] = {"format": "bitmask", "shape": list(tensor.shape)}
+        else:
+            tensors[name] = tensor
+    return tensors, compressed, aliases
+
+
+def restore_tensors(tensors: dict[str, torch.Tensor], compressed: dict[str, dict]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`stored_tensors`' compression: dense tensors by their state-dict names."""
+    state = dict(tensors)
+    for name, entry in compressed.items():
+        if entry.get("format") != "bitmask":
+            raise SlmkitError(f"{name}: unknown storage format {entry.get('format')!r}; upgrade slmkit")
+        try:
+            values, bitmask = state.pop(f"{name}.__values"), state.pop(f"{name}.__bitmask")
+            state[name] = compression.decompress(values, bitmask, entry["shape"])
+        except (KeyError, ValueError) as error:
+            raise SlmkitError(f"{name}: compressed weight is incomplete or corrupt ({error})") from None
+    return state
+
+
 def build_manifest(model: nn.Module) -> dict[str, Any]:
     """The manifest dict for ``model`` (without file hashes)."""
     record = get_record(model)
@@ -62,24 +104,28 @@ def build_manifest(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def save(model: nn.Module, path: str | os.PathLike, overwrite: bool = False) -> Path:
+def save(model: nn.Module, path: str | os.PathLike, overwrite: bool = False, compress: bool = True) -> Path:
     """Save ``model`` (compressed or not) as an slmkit checkpoint directory, atomically.
 
     Args:
         model: a model from ``load_model``, possibly transformed.
         path: the output directory; refused if it exists unless ``overwrite=True``.
         overwrite: replace an existing directory (only after the new one is completely written).
+        compress: store sparse tensors as values + bitmask when smaller (pruned models shrink on disk;
+            such files need ``slmkit.load_model``). ``False`` keeps every tensor dense under transformers'
+            names, so plain ``AutoModelForCausalLM.from_pretrained`` reads a float model.
 
     Example:
         >>> slmkit.save(model, "out/smollm2-w8a8")
     """
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
 
     target = ensure_new(path, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
-        save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})  # shared (tied) tensors once
+        tensors, compressed, aliases = stored_tensors(model, compress)
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         model.config.to_json_file(tmp / "config.json")
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
@@ -87,6 +133,7 @@ def save(model: nn.Module, path: str | os.PathLike, overwrite: bool = False) -> 
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         manifest = build_manifest(model)
+        manifest["compressed"], manifest["aliases"] = compressed, aliases
         manifest["files"] = {WEIGHTS: {"sha256": _sha256(tmp / WEIGHTS), "bytes": (tmp / WEIGHTS).stat().st_size}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
         if target.exists():
@@ -131,9 +178,22 @@ def verify_files(path: Path, manifest: dict[str, Any]) -> None:
             raise SlmkitError(f"{file}: corrupt (size or SHA-256 differs from {MANIFEST}); save the model again")
 
 
+def _check_complete(model: nn.Module, path: Path, result, aliases: dict[str, str] | None) -> None:
+    """Every model tensor was loaded, or is tied to one that was; nothing unexpected was in the file."""
+    if result.unexpected_keys:
+        raise SlmkitError(f"{path / WEIGHTS}: unexpected tensor {result.unexpected_keys[0]!r} for this config")
+    state = model.state_dict()
+    for name in result.missing_keys:
+        target = (aliases or {}).get(name)
+        if aliases is None:  # checkpoints written before aliases were recorded: accept config-tied tensors
+            target = next((k for k, t in state.items() if k != name and t.data_ptr() == state[name].data_ptr()), None)
+        if target is None or state[target].data_ptr() != state[name].data_ptr():
+            raise SlmkitError(f"{path / WEIGHTS}: tensor {name!r} is missing")
+
+
 def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Load an slmkit checkpoint saved by :func:`save`; compressed modules are rebuilt from the manifest."""
-    from safetensors.torch import load_model as load_weights
+    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path).expanduser()
@@ -151,9 +211,13 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32)
             raise SlmkitError(f"{path / MANIFEST}: unknown module type {kind!r} at {module_path}; upgrade slmkit")
         set_module(model, module_path, MODULE_TYPES[kind](**layout, dtype=dtype))
     try:
-        load_weights(model, str(path / WEIGHTS), strict=True)
+        state = restore_tensors(load_file(str(path / WEIGHTS)), manifest.get("compressed", {}))
+        result = model.load_state_dict(state, strict=False)
+    except SlmkitError as error:
+        raise SlmkitError(f"{path / WEIGHTS}: {error}") from None
     except Exception as error:  # safetensors/torch raise several types for truncated or mismatched files
         raise SlmkitError(f"{path / WEIGHTS}: cannot load ({str(error).splitlines()[0][:200]})") from None
+    _check_complete(model, path, result, manifest.get("aliases"))
     tokenizer = None
     if (path / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer

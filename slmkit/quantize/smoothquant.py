@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from slmkit import calib as calibration
-from slmkit.config import BaseConfig, ConfigError, check_choice, check_range, check_type, register
+from slmkit.config import BaseConfig, ConfigError, check_choice, check_range, check_regexes, check_type, register
 from slmkit.errors import SlmkitError
 from slmkit.models.arch import FoldGroup, block_linears, blocks, fold_groups, get_spec, set_module, weight_out_in
 from slmkit.models.record import get_record
@@ -64,12 +64,7 @@ class SmoothQuantConfig(BaseConfig):
         for site in self.fold_sites:
             check_choice("fold_sites[]", site, FOLD_SITES)
         check_choice("activations", self.activations, ("dynamic", "static"))
-        check_type("skip", self.skip, list)
-        for pattern in self.skip:
-            try:
-                re.compile(pattern)
-            except (re.error, TypeError) as error:
-                raise ConfigError(f"skip: {pattern!r} is not a valid regex ({error})") from None
+        check_regexes("skip", self.skip)
         check_range("batch_size", self.batch_size, 1, 65536, int)
 
 

@@ -17,16 +17,6 @@ EVAL = slmkit.EvalConfig(max_tokens=2048, seq_len=512)
 
 
 @pytest.fixture(scope="module")
-def reference(smollm2_path):
-    return slmkit.load_model("smollm2-135m")
-
-
-@pytest.fixture(scope="module")
-def calib(reference):
-    return slmkit.calib_data(reference, n=16, seq_len=256)
-
-
-@pytest.fixture(scope="module")
 def results(reference, calib):
     """W8A8 with and without smoothing, each evaluated against the float model."""
     out = {}

@@ -1,0 +1,153 @@
+"""Importance of structures (attention heads, FFN channels, hidden channels, whole blocks) for pruning.
+
+- :func:`activation_scores` (Minitron, Muralidharan et al., 2024): the energy of the activations each
+  structure produces or reads, from one layer-by-layer calibration pass (one block on the device).
+- :func:`taylor_scores`: first-order Taylor ``|Σ w · ∂L/∂w|`` over each structure's weights, from
+  full-model backward passes on the calibration text (needs the whole model and its gradients in memory).
+- :func:`block_influence` (ShortGPT, Men et al., 2024): ``1 − cos(block input, block output)``, mean over
+  tokens; a block that barely changes its input matters little.
+- :func:`block_loss_effect`: how much the calibration loss rises when a block is skipped.
+
+Scores are "higher = more important". Model walking only; the math is in small tensor expressions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from slmkit import calib as calibration
+from slmkit.models.arch import attention_shape, blocks, get_module, get_spec, intermediate_size, weight_out_in
+
+
+@dataclasses.dataclass
+class WidthScores:
+    """Per-layer head and FFN-channel scores and per-channel hidden scores (higher = keep)."""
+
+    heads: list[torch.Tensor]  # per layer, (num_heads,)
+    ffn: list[torch.Tensor]  # per layer, (intermediate_size,)
+    hidden: torch.Tensor  # (hidden_size,)
+
+
+def _attn_input(spec) -> str:
+    return spec.qkv or spec.q
+
+
+def _mlp_input(spec) -> str:
+    return spec.gate_up or spec.gate or spec.up
+
+
+def activation_scores(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8,
+                      device: str | None = None) -> WidthScores:
+    """Minitron activation importance: head = ‖attention output of the head‖, FFN channel = ‖its
+    activation into down_proj‖, hidden channel = ‖normed input of attention and MLP‖ summed over layers
+    (L2 norms over all calibration tokens)."""
+    spec = get_spec(model)
+    heads, ffn, hidden = [], [], None
+    for layer in calibration.layerwise(model, tokens, batch_size, device, desc="importance"):
+        modules = {
+            "attn_in": get_module(layer.block, _attn_input(spec)),
+            "mlp_in": get_module(layer.block, _mlp_input(spec)),
+            "o": get_module(layer.block, spec.o),
+            "down": get_module(layer.block, spec.down),
+        }
+        stats = calibration.observe_inputs(layer, modules, calibration.sq_sum_reduce)
+        shape = attention_shape(model.config, layer.index)
+        heads.append(stats["o"].view(shape.num_heads, shape.head_dim).sum(dim=1).sqrt().cpu())
+        ffn.append(stats["down"].sqrt().cpu())
+        layer_hidden = (stats["attn_in"] + stats["mlp_in"]).cpu()
+        hidden = layer_hidden if hidden is None else hidden + layer_hidden
+    return WidthScores(heads, ffn, hidden.sqrt())
+
+
+def _grad_out_in(module: nn.Module) -> torch.Tensor:
+    grad = module.weight.grad
+    return grad.t() if type(module).__name__ == "Conv1D" else grad
+
+
+def taylor_scores(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8) -> WidthScores:
+    """First-order Taylor importance ``|Σ w·g|`` per structure, ``g`` the LM-loss gradient summed over
+    the calibration batches. Runs full forward/backward passes: the whole model must fit with gradients."""
+    spec = get_spec(model)
+    device = next(model.parameters()).device
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    for param in model.parameters():
+        param.requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            for start in tqdm(range(0, tokens.shape[0], batch_size), desc="taylor importance", unit="batch"):
+                batch = tokens[start : start + batch_size].to(device)
+                model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
+        heads, ffn, hidden = [], [], 0.0
+        embed = get_module(model, spec.embed)
+        hidden = hidden + (embed.weight * embed.weight.grad).sum(dim=0)
+        for index, block in enumerate(blocks(model)):
+            shape = attention_shape(model.config, index)
+            width = intermediate_size(model.config, index)
+            contrib = {}
+            for name in spec.linear_names():
+                module = get_module(block, name)
+                contrib[name] = (weight_out_in(module).float() * _grad_out_in(module).float()).detach()
+            q = contrib[spec.qkv][: shape.q_rows] if spec.qkv else contrib[spec.q]
+            o = contrib[spec.o]
+            head = q.view(shape.num_heads, -1).sum(1) + o.t().reshape(shape.num_heads, -1).sum(1)
+            heads.append(head.abs().cpu())
+            down = contrib[spec.down].sum(dim=0)
+            if spec.gate_up:
+                rows = contrib[spec.gate_up].sum(dim=1)
+                channel = rows[:width] + rows[width:] + down
+            else:
+                channel = sum(contrib[n].sum(dim=1) for n in (spec.gate, spec.up) if n) + down
+            ffn.append(channel.abs().cpu())
+            for name in spec.linear_names():
+                hidden = hidden + (contrib[name].sum(dim=1) if name in (spec.o, spec.down) else contrib[name].sum(dim=0))
+        return WidthScores(heads, ffn, hidden.detach().abs().float().cpu())
+    finally:
+        model.zero_grad(set_to_none=True)
+        for name, param in model.named_parameters():
+            param.requires_grad_(flags[name])
+
+
+def block_influence(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8,
+                    device: str | None = None) -> torch.Tensor:
+    """ShortGPT block influence per block: mean over tokens of ``1 − cos(input, output)``, shape (layers,)."""
+    scores = []
+    for layer in calibration.layerwise(model, tokens, batch_size, device, desc="block influence"):
+        total, count = 0.0, 0
+        for before, after in zip(layer.hidden_states, layer.run()):
+            cos = torch.nn.functional.cosine_similarity(before.float(), after.float(), dim=-1)  # (B, T)
+            total, count = total + float((1 - cos).sum()), count + cos.numel()
+        scores.append(total / count)
+    return torch.tensor(scores)
+
+
+def _skip_hook(module, args, kwargs, output):
+    hidden = args[0] if args else kwargs["hidden_states"]
+    return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+
+
+def block_loss_effect(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """Rise of the mean calibration loss (nats/token) when each block alone is skipped, shape (layers,)."""
+    device = next(model.parameters()).device
+
+    def mean_loss() -> float:
+        total = 0.0
+        for start in range(0, tokens.shape[0], batch_size):
+            batch = tokens[start : start + batch_size].to(device)
+            total += float(model(input_ids=batch, labels=batch, use_cache=False).loss) * batch.shape[0]
+        return total / tokens.shape[0]
+
+    with torch.no_grad():
+        base = mean_loss()
+        effects = []
+        for block in tqdm(blocks(model), desc="block loss effect", unit="block"):
+            handle = block.register_forward_hook(_skip_hook, with_kwargs=True)
+            try:
+                effects.append(mean_loss() - base)
+            finally:
+                handle.remove()
+    return torch.tensor(effects)

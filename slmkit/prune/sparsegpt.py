@@ -1,0 +1,48 @@
+"""SparseGPT (Frantar & Alistarh, 2023, https://arxiv.org/abs/2301.00774): Hessian-guided mask + weight update.
+
+For each linear, ``H = Xᵀ X`` over the calibration tokens of its input (computed once per shared input:
+q/k/v share one, gate/up another); columns are pruned left to right in blocks, and the error of each
+pruned weight is spread over the not-yet-pruned columns through the Cholesky factor of ``H⁻¹``.
+Blocks are walked with :func:`slmkit.calib.layerwise`: the pruned block's outputs feed the next block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from slmkit import calib as calibration
+from slmkit.config import check_range, register
+from slmkit.models.arch import weight_out_in
+from slmkit.prune.base import CalibratedSparsityConfig, apply_mask, prune_layerwise
+from slmkit.prune.masks import sparsegpt_prune
+
+
+@dataclasses.dataclass
+class SparseGPTConfig(CalibratedSparsityConfig):
+    """SparseGPT pruning with weight reconstruction."""
+
+    name = "sparsegpt"
+
+    block_size: int = 128  # columns pruned together (lazy batched update)
+    damp: float = 0.01  # added to the Hessian diagonal, as a fraction of its mean
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_range("block_size", self.block_size, 1, 1 << 16, int)
+        check_range("damp", self.damp, 0.0, 10.0)
+
+
+@register(SparseGPTConfig, needs_calibration=True)
+def sparsegpt(model: nn.Module, config: SparseGPTConfig, calib: torch.Tensor) -> nn.Module:
+    """Prune every block linear of ``model`` in place with SparseGPT on ``calib`` tokens."""
+
+    def prune_linear(module: nn.Module, gram_and_count: tuple[torch.Tensor, int]) -> None:
+        gram, count = gram_and_count
+        new = sparsegpt_prune(weight_out_in(module), gram * (2.0 / count), config.sparsity or 0.0,
+                              config.pattern, config.block_size, config.damp)
+        apply_mask(module, new == 0, new)
+
+    return prune_layerwise(model, config, calib, "sparsegpt", calibration.gram_reduce, prune_linear)
