@@ -22,7 +22,9 @@ from pathlib import Path
 
 import slmkit
 from slmkit import DepthPruneConfig, MagnitudePruneConfig, SparseGPTConfig, WandaConfig, WidthPruneConfig
-from slmkit.bench import environment, finish, markdown_header, markdown_table, result_files, script_parser
+from slmkit.bench import (data_note, environment, finish, markdown_header, markdown_table, quality_inputs,
+                          result_files, script_parser)
+from slmkit.eval.report import parameter_count
 from slmkit.models.checkpoint import WEIGHTS
 from slmkit.prune import linear_sparsity
 
@@ -44,10 +46,6 @@ VARIANTS = {
 }
 
 
-def _params(model) -> int:
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
 def main(argv=None) -> int:
     parser = script_parser(__doc__, quality=True)
     parser.add_argument("--only", default="", help="comma-separated variant keys: " + ", ".join(VARIANTS))
@@ -58,13 +56,11 @@ def main(argv=None) -> int:
         if unknown:
             raise slmkit.SlmkitError(f"unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
         files = result_files(args.out, "smollm2-pruning-comparison", args.overwrite)
+        reference, calib, eval_config = quality_inputs(args)
     except slmkit.SlmkitError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    reference = slmkit.load_model(args.model)
-    calib = slmkit.calib_data(reference, n=args.calib_blocks, seq_len=512)
-    eval_config = slmkit.EvalConfig(max_tokens=args.max_tokens, seq_len=1024)
     with tempfile.TemporaryDirectory() as tmp:
         dense_bytes = (slmkit.save(reference, Path(tmp) / "dense") / WEIGHTS).stat().st_size
         rows = []
@@ -78,24 +74,22 @@ def main(argv=None) -> int:
             file_bytes = (slmkit.save(model, Path(tmp) / key) / WEIGHTS).stat().st_size
             sparsity = linear_sparsity(model)["total"]
             rows.append({"key": key, "variant": label, "config": {config.name: config.to_dict()},
-                         "prune_seconds": seconds, "params": _params(model), "file_bytes": file_bytes,
+                         "prune_seconds": seconds, "params": parameter_count(model), "file_bytes": file_bytes,
                          "linear_sparsity": sparsity, "metrics": model.slmkit.metrics, **report.to_dict()})
             print(f"{label}: ppl {report.perplexity:.3f}, {file_bytes / 1e6:.1f} MB, {seconds:.0f} s", flush=True)
             del model
 
-    result = {**environment(), "model": args.model, "reference_params": _params(reference),
+    result = {**environment(), "model": args.model, "reference_params": parameter_count(reference),
               "reference_file_bytes": dense_bytes,
               "calibration": {"blocks": args.calib_blocks, "block_len": 512, "split": "calib"},
               "evaluation": eval_config.to_dict(), "rows": rows}
     reference_ppl = rows[0]["reference_perplexity"]
     lines = markdown_header(result, f"Pruning {args.model}: quality against the dense float32 model (one-shot, no healing)")
-    lines += [f"Held-out text: {rows[0]['tokens']:,} tokens of the embedded corpus's eval split "
-              f"(Hamlet, Paradise Regained) in {eval_config.seq_len}-token windows; calibration: "
-              f"{args.calib_blocks} × 512 tokens of the calib split. File = the checkpoint's weights file "
-              "(sparse tensors stored as values + bitmask).", ""]
+    lines += [data_note(rows[0]["tokens"], eval_config, args.calib_blocks)
+              + " File = the checkpoint's weights file (sparse tensors stored as values + bitmask).", ""]
     header = ["model", "perplexity", "Δ vs dense", "KL mean (nats)", "top-1 agreement", "parameters",
               "nonzero in linears", "file", "prune time"]
-    table = [["dense float32 (reference)", f"{reference_ppl:.3f}", "—", "—", "—", f"{_params(reference) / 1e6:.1f} M",
+    table = [["dense float32 (reference)", f"{reference_ppl:.3f}", "—", "—", "—", f"{parameter_count(reference) / 1e6:.1f} M",
               "100%", f"{dense_bytes / 1e6:.1f} MB", "—"]]
     for row in rows:
         table.append([row["variant"], f"{row['perplexity']:.3f}", f"{100 * (row['perplexity'] / reference_ppl - 1):+.1f}%",

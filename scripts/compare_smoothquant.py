@@ -17,7 +17,8 @@ import time
 
 import slmkit
 from slmkit import SmoothQuantConfig
-from slmkit.bench import environment, finish, markdown_header, markdown_table, result_files, script_parser
+from slmkit.bench import (data_note, environment, finish, markdown_header, markdown_table, quality_inputs,
+                          result_files, script_parser)
 
 GRID = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0]
 VARIANTS = {
@@ -33,13 +34,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         files = result_files(args.out, "smollm2-w8a8-comparison", args.overwrite)
+        reference, calib, eval_config = quality_inputs(args)
     except slmkit.SlmkitError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    reference = slmkit.load_model(args.model)
-    calib = slmkit.calib_data(reference, n=args.calib_blocks, seq_len=512)
-    eval_config = slmkit.EvalConfig(max_tokens=args.max_tokens, seq_len=1024)
     rows = []
     for name, config in VARIANTS.items():
         model = copy.deepcopy(reference)
@@ -54,9 +53,7 @@ def main(argv=None) -> int:
               "evaluation": eval_config.to_dict(), "rows": rows}
     reference_ppl = rows[0]["reference_perplexity"]
     lines = markdown_header(result, f"W8A8 on {args.model}: quality against the float32 model")
-    lines += [f"Held-out text: {rows[0]['tokens']:,} tokens of the embedded corpus's eval split "
-              f"(Hamlet, Paradise Regained) in {eval_config.seq_len}-token windows; calibration: "
-              f"{args.calib_blocks} × 512 tokens of the calib split.", ""]
+    lines += [data_note(rows[0]["tokens"], eval_config, args.calib_blocks), ""]
     header = ["model", "perplexity", "Δ vs fp32", "KL mean (nats)", "KL p99", "top-1 agreement", "weights",
               "quantize time"]
     table = [["float32 (reference)", f"{reference_ppl:.3f}", "—", "—", "—", "—",

@@ -101,6 +101,9 @@ def layerwise(
         batch_size: sequences per forward pass.
         device: where blocks run (default: the model's device). Other blocks stay where they are.
         desc: progress bar label.
+
+    Each yield hands out the same :class:`LayerCalibration`; after the walk its ``hidden_states`` are
+    the last block's outputs (a new list per block, so a list kept from an earlier yield stays valid).
     """
     if tokens.ndim != 2 or tokens.numel() == 0:
         raise SlmkitError(f"calibration tokens must be a non-empty (num_blocks, block_len) tensor, got {tuple(tokens.shape)}")

@@ -70,6 +70,13 @@ def check_range(field: str, value: Any, low: float, high: float, kind: type = fl
         raise ConfigError(f"{field} must be in [{low}, {high}], got {value!r}")
 
 
+def check_fraction(field: str, value: Any, note: str = "") -> None:
+    """Raise ConfigError unless ``0 <= value < 1`` (a fraction removed: 1 would remove everything)."""
+    check_range(field, value, 0.0, 1.0)
+    if value >= 1.0:
+        raise ConfigError(f"{field} must be in [0, 1), got {value!r}{note}")
+
+
 def check_type(field: str, value: Any, kind: type | tuple) -> None:
     """Raise ConfigError unless ``value`` is an instance of ``kind`` (bools are not ints)."""
     kinds = kind if isinstance(kind, tuple) else (kind,)

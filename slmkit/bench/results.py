@@ -86,3 +86,19 @@ def finish(files: tuple[Path, Path], data: dict[str, Any], lines: list[str]) -> 
     print(table)
     write_results(files, data, table)
     return 0
+
+
+def quality_inputs(args: argparse.Namespace):
+    """(reference model, calibration blocks of 512 tokens, EvalConfig) for a quality comparison, from the
+    ``--model``, ``--calib-blocks`` and ``--max-tokens`` of :func:`script_parser` with ``quality=True``."""
+    import slmkit
+
+    eval_config = slmkit.EvalConfig(max_tokens=args.max_tokens, seq_len=1024)  # bad values fail before loading
+    reference = slmkit.load_model(args.model)
+    return reference, slmkit.calib_data(reference, n=args.calib_blocks, seq_len=512), eval_config
+
+
+def data_note(tokens: int, eval_config, calib_blocks: int) -> str:
+    """The sentence of a quality result saying which text it was calibrated and evaluated on."""
+    return (f"Held-out text: {tokens:,} tokens of the embedded corpus's eval split (Hamlet, Paradise Regained) "
+            f"in {eval_config.seq_len}-token windows; calibration: {calib_blocks} × 512 tokens of the calib split.")

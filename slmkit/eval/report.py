@@ -22,6 +22,11 @@ def unique_tensors(model: nn.Module) -> list[torch.Tensor]:
     return tensors
 
 
+def parameter_count(model: nn.Module) -> int:
+    """Number of parameters (tied ones once); quantized weights held in buffers are not counted."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
 def weight_count(model: nn.Module) -> int:
     """Number of stored weight elements (parameters and quantized weight buffers, tied ones once)."""
     return sum(t.numel() for t in unique_tensors(model))

@@ -8,6 +8,8 @@ format is the same for N:M and unstructured sparsity and independent of GPU spar
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 _SHIFTS = torch.tensor([7, 6, 5, 4, 3, 2, 1, 0], dtype=torch.uint8)
@@ -52,9 +54,7 @@ def compress(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def decompress(values: torch.Tensor, bitmask: torch.Tensor, shape: list[int] | tuple[int, ...]) -> torch.Tensor:
     """Rebuild the dense tensor of ``shape`` from :func:`compress`'s output (exact)."""
-    count = 1
-    for size in shape:
-        count *= size
+    count = math.prod(shape)
     mask = unpack_bits(bitmask, count)
     if int(mask.sum()) != values.numel():
         raise ValueError(f"bitmask marks {int(mask.sum())} values but {values.numel()} are stored")

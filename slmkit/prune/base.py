@@ -9,7 +9,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from slmkit.config import BaseConfig, ConfigError, check_range, check_regexes, check_type
+from slmkit.config import BaseConfig, ConfigError, check_fraction, check_range, check_regexes, check_type
 from slmkit.errors import SlmkitError
 from slmkit.models.arch import block_linears, blocks, get_spec, weight_out_in
 from slmkit.models.record import get_record
@@ -32,9 +32,7 @@ class SparsityConfig(BaseConfig):
         if self.sparsity is None and self.n_m is None:
             self.sparsity = 0.5
         if self.sparsity is not None:
-            check_range("sparsity", self.sparsity, 0.0, 1.0)
-            if self.sparsity >= 1.0:
-                raise ConfigError(f"sparsity must be in [0, 1), got {self.sparsity!r}")
+            check_fraction("sparsity", self.sparsity)
         if self.n_m is not None:
             try:
                 parse_n_m(self.n_m)
@@ -74,17 +72,20 @@ def block_targets(model: nn.Module, index: int, block: nn.Module, config: Sparsi
     }
 
 
+def require_float_linear(module: nn.Module, path: str) -> None:
+    """Fail unless ``module`` is a linear with float weights (pruning works before quantization)."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+        raise SlmkitError(f"{path} is {type(module).__name__}, not a float linear; prune before quantizing")
+
+
 def check_prunable(model: nn.Module, config: SparsityConfig) -> None:
     """Fail before any work if a target is not a float linear or its width does not fit N:M."""
     pattern = config.pattern
     prefix = get_spec(model).layers
     for index, block in enumerate(blocks(model)):
         for name, module in block_targets(model, index, block, config).items():
-            weight = getattr(module, "weight", None)
-            if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
-                raise SlmkitError(
-                    f"{prefix}.{index}.{name} is {type(module).__name__}, not a float linear; prune before quantizing"
-                )
+            require_float_linear(module, f"{prefix}.{index}.{name}")
             columns = weight_out_in(module).shape[1]
             if pattern and columns % pattern[1]:
                 raise SlmkitError(

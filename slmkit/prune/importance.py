@@ -32,25 +32,18 @@ class WidthScores:
     hidden: torch.Tensor  # (hidden_size,)
 
 
-def _attn_input(spec) -> str:
-    return spec.qkv or spec.q
-
-
-def _mlp_input(spec) -> str:
-    return spec.gate_up or spec.gate or spec.up
-
-
 def activation_scores(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8,
                       device: str | None = None) -> WidthScores:
     """Minitron activation importance: head = ‖attention output of the head‖, FFN channel = ‖its
     activation into down_proj‖, hidden channel = ‖normed input of attention and MLP‖ summed over layers
     (L2 norms over all calibration tokens)."""
     spec = get_spec(model)
+    attn_inputs, _, mlp_inputs, _ = spec.input_groups()  # linears reading the normed hidden states
     heads, ffn, hidden = [], [], None
     for layer in calibration.layerwise(model, tokens, batch_size, device, desc="importance"):
         modules = {
-            "attn_in": get_module(layer.block, _attn_input(spec)),
-            "mlp_in": get_module(layer.block, _mlp_input(spec)),
+            "attn_in": get_module(layer.block, attn_inputs[0]),
+            "mlp_in": get_module(layer.block, mlp_inputs[0]),
             "o": get_module(layer.block, spec.o),
             "down": get_module(layer.block, spec.down),
         }
@@ -114,14 +107,25 @@ def taylor_scores(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8) -
 
 def block_influence(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8,
                     device: str | None = None) -> torch.Tensor:
-    """ShortGPT block influence per block: mean over tokens of ``1 − cos(input, output)``, shape (layers,)."""
-    scores = []
-    for layer in calibration.layerwise(model, tokens, batch_size, device, desc="block influence"):
+    """ShortGPT block influence per block: mean over tokens of ``1 − cos(input, output)``, shape (layers,).
+
+    Block i's output is block i+1's input, so the walk's own propagation supplies every output and no
+    block runs twice.
+    """
+
+    def influence(before: list[torch.Tensor], after: list[torch.Tensor]) -> float:
         total, count = 0.0, 0
-        for before, after in zip(layer.hidden_states, layer.run()):
-            cos = torch.nn.functional.cosine_similarity(before.float(), after.float(), dim=-1)  # (B, T)
+        for x, y in zip(before, after):
+            cos = torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)  # (B, T)
             total, count = total + float((1 - cos).sum()), count + cos.numel()
-        scores.append(total / count)
+        return total / count
+
+    scores, previous, layer = [], None, None
+    for layer in calibration.layerwise(model, tokens, batch_size, device, desc="block influence"):
+        if previous is not None:
+            scores.append(influence(previous, layer.hidden_states))
+        previous = layer.hidden_states
+    scores.append(influence(previous, layer.hidden_states))  # after the walk: the last block's outputs
     return torch.tensor(scores)
 
 

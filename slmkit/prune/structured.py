@@ -26,21 +26,17 @@ import torch
 from torch import nn
 
 from slmkit import calib as calibration
-from slmkit.config import BaseConfig, ConfigError, check_choice, check_range, check_type, register
+from slmkit.config import BaseConfig, ConfigError, check_choice, check_fraction, check_range, check_type, register
 from slmkit.errors import SlmkitError
-from slmkit.models.arch import (attention_shape, blocks, get_module, get_spec, intermediate_size, set_module,
-                                weight_out_in)
+from slmkit.eval.report import parameter_count
+from slmkit.models.arch import (attention_shape, block_linears, blocks, get_module, get_spec, intermediate_size,
+                                set_module, weight_out_in)
 from slmkit.models.record import get_record
 from slmkit.prune import importance
+from slmkit.prune.base import require_float_linear
 
 WIDTH_DIMS = ("heads", "ffn", "hidden")
 PER_LAYER_TYPES = ("llama", "slm")  # model types SlmForCausalLM can hold
-
-
-def _check_fraction(field: str, value) -> None:
-    check_range(field, value, 0.0, 1.0)
-    if value >= 1.0:
-        raise ConfigError(f"{field} must be in [0, 1), got {value!r} (that would remove every {field} unit)")
 
 
 @dataclasses.dataclass
@@ -69,7 +65,7 @@ class WidthPruneConfig(BaseConfig):
 
     def __post_init__(self):
         for field in WIDTH_DIMS:
-            _check_fraction(field, getattr(self, field))
+            check_fraction(field, getattr(self, field), f" (that would remove every {field} unit)")
         if self.param_budget is not None:
             check_range("param_budget", self.param_budget, 0.0, float("inf"))
             if self.param_budget <= 0 or self.param_budget == 1:
@@ -111,7 +107,7 @@ class DepthPruneConfig(BaseConfig):
         if (self.ratio is None) == (self.num_blocks is None):
             raise ConfigError("give exactly one of ratio or num_blocks")
         if self.ratio is not None:
-            _check_fraction("ratio", self.ratio)
+            check_fraction("ratio", self.ratio, " (that would remove every block)")
         if self.num_blocks is not None:
             check_range("num_blocks", self.num_blocks, 1, 1 << 20, int)
         check_choice("importance", self.importance, ("block_influence", "loss"))
@@ -169,15 +165,6 @@ def plan_width(model: nn.Module, heads: float, ffn: float, hidden: float, head_u
     return plan
 
 
-def _unique_params(model: nn.Module) -> int:
-    seen, total = set(), 0
-    for param in model.parameters():
-        if id(param) not in seen:
-            seen.add(id(param))
-            total += param.numel()
-    return total
-
-
 def pruned_config(config, plan: WidthPlan, per_layer: bool):
     """The config of the pruned model: the same class with new sizes, or an SlmConfig with per-layer lists."""
     data = config.to_dict()
@@ -216,12 +203,12 @@ def planned_params(model: nn.Module, plan: WidthPlan) -> int:
 
     config = pruned_config(model.config, plan, per_layer=False)
     with torch.device("meta"):
-        return _unique_params(AutoModelForCausalLM.from_config(config))
+        return parameter_count(AutoModelForCausalLM.from_config(config))
 
 
 def plan_for_budget(model: nn.Module, config: WidthPruneConfig) -> tuple[WidthPlan, float]:
     """The smallest equal fraction over the budget dimensions whose plan keeps ≤ the budget's parameters."""
-    total = _unique_params(model)
+    total = parameter_count(model)
     budget = config.param_budget * total if config.param_budget < 1 else config.param_budget
     if budget >= total:
         raise SlmkitError(f"param_budget {config.param_budget:g} is not below the model's {total:,} parameters")
@@ -436,9 +423,8 @@ def prune_width(model: nn.Module, config: WidthPruneConfig, calib: torch.Tensor)
         raise SlmkitError(f"per_layer widths need a Llama-architecture model; {model.config.model_type!r} "
                           "can only be pruned uniformly (per_layer: false)")
     for index, block in enumerate(blocks(model)):
-        for name in get_spec(model).linear_names():
-            if not get_module(block, name).weight.is_floating_point():
-                raise SlmkitError("structured pruning needs a float model; prune before quantizing")
+        for name, module in block_linears(model, block):
+            require_float_linear(module, f"{get_spec(model).layers}.{index}.{name}")
     if config.param_budget is not None:
         plan, fraction = plan_for_budget(model, config)
         dims = [d for d in config.budget_dims if d in get_spec(model).width_dims]
@@ -448,7 +434,7 @@ def prune_width(model: nn.Module, config: WidthPruneConfig, calib: torch.Tensor)
         _check_dims(model, fractions)
         plan = plan_width(model, fractions["heads"], fractions["ffn"], fractions["hidden"], config.head_unit,
                           config.multiple_of)
-    before = _unique_params(model)
+    before = parameter_count(model)
     num_layers = len(blocks(model))
     old_heads = [attention_shape(model.config, i) for i in range(num_layers)]
     old_ffn = [intermediate_size(model.config, i) for i in range(num_layers)]
@@ -494,7 +480,7 @@ def prune_width(model: nn.Module, config: WidthPruneConfig, calib: torch.Tensor)
     if new_config.model_type == "slm" and type(model).__name__ != "SlmForCausalLM":
         _become_slm(model)
     record.metrics["width"] = {"heads": plan.heads, "kv_heads": plan.kv_heads, "ffn": plan.ffn,
-                               "hidden": plan.hidden, "params_before": before, "params_after": _unique_params(model)}
+                               "hidden": plan.hidden, "params_before": before, "params_after": parameter_count(model)}
     return model
 
 
@@ -538,8 +524,8 @@ def prune_depth(model: nn.Module, config: DepthPruneConfig, calib: torch.Tensor)
     else:
         scores = importance.block_influence(model, tokens, config.batch_size, config.device)
     drop = sorted(torch.topk(-scores, count).indices.tolist())
-    before = _unique_params(model)
+    before = parameter_count(model)
     remove_blocks(model, drop)
     get_record(model).metrics["depth"] = {"removed_blocks": drop, "scores": [round(float(s), 6) for s in scores],
-                                          "params_before": before, "params_after": _unique_params(model)}
+                                          "params_before": before, "params_after": parameter_count(model)}
     return model

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import slmkit
+from slmkit.eval.report import parameter_count
 from slmkit.models.checkpoint import WEIGHTS
 from slmkit.prune import linear_sparsity
 
@@ -48,8 +49,7 @@ def test_width_pruned_smollm2_is_a_smaller_standard_llama(reference, calib, tmp_
     from transformers import AutoModelForCausalLM
 
     model = _pruned(reference, calib, slmkit.WidthPruneConfig(param_budget=0.9, budget_dims=["ffn"]))
-    count = lambda m: sum(p.numel() for p in {id(p): p for p in m.parameters()}.values())  # noqa: E731
-    assert count(model) <= 0.9 * count(reference)
+    assert parameter_count(model) <= 0.9 * parameter_count(reference)
     path = slmkit.save(model, tmp_path / "width")
     plain = AutoModelForCausalLM.from_pretrained(path).eval()
     assert type(plain).__name__ == "LlamaForCausalLM"

@@ -6,6 +6,7 @@ import torch
 import slmkit
 from slmkit.config import ConfigError
 from slmkit.errors import SlmkitError
+from slmkit.eval.report import parameter_count
 from slmkit.models.arch import attention_shape, blocks, intermediate_size
 from slmkit.prune import DepthPruneConfig, WidthPruneConfig, prune
 from slmkit.prune.structured import distribute, select_heads
@@ -13,10 +14,6 @@ from tests.conftest import FAMILIES, random_tokens, tiny_model
 
 CALIB = random_tokens(4, 32, seed=7)
 TOKENS = random_tokens(2, 12, seed=8)
-
-
-def _params(model):
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
 def _logits(model):
@@ -29,10 +26,10 @@ def test_ffn_width_pruning_every_family_reloads_as_standard_model(family, tmp_pa
     from transformers import AutoModelForCausalLM
 
     model = tiny_model(family)
-    before, width = _params(model), intermediate_size(model.config, 0)  # 96 (GPT-2: 4 * 64)
+    before, width = parameter_count(model), intermediate_size(model.config, 0)  # 96 (GPT-2: 4 * 64)
     prune(model, WidthPruneConfig(ffn=0.25), calib=CALIB)
     assert all(intermediate_size(model.config, i) == width * 3 // 4 for i in range(2))
-    assert _params(model) < before
+    assert parameter_count(model) < before
     assert type(model).__name__ != "SlmForCausalLM"
     path = slmkit.save(model, tmp_path / "out")
     reloaded = AutoModelForCausalLM.from_pretrained(path).eval()  # plain transformers, no slmkit code
@@ -108,10 +105,10 @@ def test_per_layer_widths_become_slm_model_loadable_by_auto_class(tmp_path):
 
 def test_param_budget_is_met():
     model = tiny_model("llama")
-    before = _params(model)
+    before = parameter_count(model)
     prune(model, WidthPruneConfig(param_budget=0.75, budget_dims=["heads", "ffn", "hidden"]), calib=CALIB)
-    assert 0.6 * before < _params(model) <= 0.75 * before
-    assert model.slmkit.metrics["width"]["params_after"] == _params(model)
+    assert 0.6 * before < parameter_count(model) <= 0.75 * before
+    assert model.slmkit.metrics["width"]["params_after"] == parameter_count(model)
 
 
 def test_taylor_importance_runs_and_finds_dead_channels():
@@ -174,12 +171,15 @@ def test_errors_are_clear_and_early():
     with pytest.raises(SlmkitError, match="Llama-architecture"):
         prune(tiny_model("qwen2"), WidthPruneConfig(ffn=0.25, per_layer=True), calib=CALIB)
     assert len(blocks(model)) == 2 and intermediate_size(model.config, 0) == 96  # untouched
+    quantized = slmkit.quantize(tiny_model("llama"), slmkit.SmoothQuantConfig(), calib=CALIB)
+    with pytest.raises(SlmkitError, match="W8A8Linear, not a float linear; prune before quantizing"):
+        prune(quantized, WidthPruneConfig(ffn=0.25), calib=CALIB)
 
 
 def test_default_param_budget_shrinks_only_the_ffn():
     model = tiny_model("llama")
-    before = _params(model)
+    before = parameter_count(model)
     prune(model, WidthPruneConfig(param_budget=0.8), calib=CALIB)
-    assert _params(model) <= 0.8 * before
+    assert parameter_count(model) <= 0.8 * before
     assert model.config.hidden_size == 64 and attention_shape(model.config).num_heads == 4
     assert intermediate_size(model.config, 0) < 96
