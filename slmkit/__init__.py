@@ -2,6 +2,7 @@
 
     model = slmkit.load_model("smollm2-135m")
     slmkit.prune(model, slmkit.SparseGPTConfig(n_m="2:4"), calib=slmkit.calib_data(model, n=64))
+    slmkit.distill(model, slmkit.load_model("smollm2-135m"), slmkit.DistillConfig(steps=200))
     slmkit.quantize(model, SmoothQuantConfig(alpha=0.5), calib=slmkit.calib_data(model, n=64))
     report = slmkit.evaluate(model, reference="smollm2-135m")
     slmkit.save(model, "out/smollm2-w8a8")
@@ -11,6 +12,7 @@ from slmkit._version import __version__
 from slmkit.config import BaseConfig
 from slmkit.data import DataConfig, calib_data
 from slmkit.errors import SlmkitError
+from slmkit.distill import DistillConfig, distill
 from slmkit.eval import EvalConfig, EvalReport, evaluate
 from slmkit.generation import generate
 from slmkit.models.checkpoint import save
@@ -26,6 +28,7 @@ __all__ = [
     "BaseConfig",
     "DataConfig",
     "DepthPruneConfig",
+    "DistillConfig",
     "EvalConfig",
     "EvalReport",
     "MagnitudePruneConfig",
@@ -38,6 +41,7 @@ __all__ = [
     "WandaConfig",
     "WidthPruneConfig",
     "calib_data",
+    "distill",
     "evaluate",
     "generate",
     "load_model",

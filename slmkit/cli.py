@@ -125,10 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a recipe: load, compress, evaluate, save", formatter_class=_formatter,
                          description="Run a YAML recipe: load the model, apply its steps, evaluate against the "
                          "original model on held-out text, and save the result.\nAn interrupted run resumes "
-                         "after its last finished step when run again with the same output.",
+                         "after its last finished step (a distill step: after its last checkpoint) when run "
+                         "again with the same output.",
                          epilog="examples:\n  slmkit run recipes/smollm2-w8a8.yaml\n"
                          "  slmkit run recipes/smollm2-w8a8.yaml --output out/w8a8 --overwrite --json out/w8a8.json\n"
-                         "  slmkit run recipes/smollm2-w8a8.yaml --model ./my-llama-dir")
+                         "  slmkit run recipes/smollm2-w8a8.yaml --model ./my-llama-dir\n"
+                         "  slmkit run recipes/smollm2-ffn25-distill.yaml --output out/heal   # prune, then distill\n"
+                         "  accelerate launch --config_file recipes/accelerate/ddp.yaml -m slmkit.cli run "
+                         "recipes/smollm2-ffn25-distill.yaml --device cuda")
     run.add_argument("recipe", help="YAML recipe file")
     run.add_argument("--output", "-o", help="checkpoint directory to write (default: out/<recipe name>)")
     run.add_argument("--overwrite", action="store_true", help="replace an existing output / JSON file")

@@ -105,18 +105,35 @@ class Transform:
     config_class: type[BaseConfig]
     apply: Callable[..., Any]
     needs_calibration: bool
+    uses_context: bool = False
+
+
+@dataclasses.dataclass
+class StepContext:
+    """What a step may need beyond the model and its config (given to ``uses_context`` transforms).
+
+    Distillation needs the original model as its teacher and a directory for its resumable checkpoints.
+    """
+
+    original_model: str  # load_model source of the uncompressed model (the recipe's model)
+    work_dir: Any = None  # Path for the step's resumable state, or None (no resume)
+    device: str = "cpu"
 
 
 _REGISTRY: dict[str, Transform] = {}
 
 
-def register(config_class: type[BaseConfig], needs_calibration: bool = False):
-    """Decorator registering ``fn(model, config, calib=None)`` as the handler of ``config_class``."""
+def register(config_class: type[BaseConfig], needs_calibration: bool = False, uses_context: bool = False):
+    """Decorator registering ``fn(model, config, calib=None)`` as the handler of ``config_class``.
+
+    ``needs_calibration``: fn takes calibration token ids as its third argument.
+    ``uses_context``: fn takes a :class:`StepContext` as its third argument instead.
+    """
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         if not config_class.name or not config_class.category:
             raise TypeError(f"{config_class.__name__} needs class attributes name and category")
-        _REGISTRY[config_class.name] = Transform(config_class, fn, needs_calibration)
+        _REGISTRY[config_class.name] = Transform(config_class, fn, needs_calibration, uses_context)
         return fn
 
     return decorate
@@ -148,11 +165,13 @@ def config_from_step(step: dict[str, Any], where: str) -> BaseConfig:
     return transform.config_class.from_dict(fields, where=f"{where}.{name}")
 
 
-def apply_step(model, config: BaseConfig, calib=None, category: str | None = None):
+def apply_step(model, config: BaseConfig, calib=None, category: str | None = None,
+               context: StepContext | None = None):
     """Apply a registered transform to ``model`` in place and record it in ``model.slmkit.steps``.
 
     ``category`` (e.g. "quantize") makes ``slmkit.quantize(model, PruneConfig())`` fail clearly.
     Calibration transforms given ``calib=None`` use ``slmkit.calib_data(model)`` (embedded corpus).
+    Context transforms (distillation) given ``context=None`` use the model's own source as the original.
     """
     from slmkit.models.record import get_record
 
@@ -169,6 +188,11 @@ def apply_step(model, config: BaseConfig, calib=None, category: str | None = Non
         from slmkit.data import calib_data
 
         calib = calib_data(model)
-    transform.apply(model, config, calib) if transform.needs_calibration else transform.apply(model, config)
+    if transform.uses_context:
+        transform.apply(model, config, context or StepContext(original_model=get_record(model).source))
+    elif transform.needs_calibration:
+        transform.apply(model, config, calib)
+    else:
+        transform.apply(model, config)
     get_record(model).steps.append({config.name: config.to_dict()})
     return model

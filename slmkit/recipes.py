@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from slmkit._files import ensure_new
-from slmkit.config import BaseConfig, ConfigError, apply_step, config_from_step, lookup
+from slmkit.config import BaseConfig, ConfigError, StepContext, apply_step, config_from_step, lookup
 from slmkit.data import DataConfig, load_texts, token_blocks
 from slmkit.errors import SlmkitError
 from slmkit.eval import EvalConfig, EvalReport, evaluate
@@ -134,6 +134,19 @@ def _resume_point(partial: Path, recipe: Recipe, overwrite: bool) -> int:
     raise SlmkitError(f"{partial} holds a partial run of a different recipe; delete it or pass --overwrite")
 
 
+def _is_main_process() -> bool:
+    """False in the other processes of an ``accelerate launch`` run (only the main one writes files)."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def _wait_for_everyone() -> None:
+    from accelerate import PartialState
+
+    PartialState().wait_for_everyone()
+
+
 def _check_texts(recipe: Recipe) -> list[str] | None:
     """Fail before any model work when the calibration or evaluation text is missing or empty.
 
@@ -141,6 +154,10 @@ def _check_texts(recipe: Recipe) -> list[str] | None:
     """
     if recipe.evaluation is not None:
         load_texts(recipe.evaluation.source, recipe.evaluation.split)
+    for step in recipe.steps:  # steps that read their own text (distillation's training and held-out text)
+        for text in (getattr(step, "data", None), getattr(step, "eval", None)):
+            if text is not None:
+                load_texts(text.source, text.split)
     if any(lookup(step).needs_calibration for step in recipe.steps):
         return load_texts(recipe.calibration.source, recipe.calibration.split)
     return None
@@ -165,6 +182,10 @@ def run_recipe(recipe: Recipe | str | os.PathLike, output: str | os.PathLike | N
         recipe = Recipe.from_file(recipe)
     if model is not None:
         recipe = dataclasses.replace(recipe, model=model)
+    from accelerate import PartialState
+
+    if PartialState().num_processes > 1 and device != "cpu":
+        device = str(PartialState().device)  # under `accelerate launch`: this process's GPU
     output = ensure_new(output, overwrite) if output is not None else None
     partial = _partial_dir(output) if output is not None else None
     done = _resume_point(partial, recipe, overwrite) if partial is not None else 0
@@ -187,13 +208,18 @@ def run_recipe(recipe: Recipe | str | os.PathLike, output: str | os.PathLike | N
         if lookup(step).needs_calibration and calib is None:
             calib = token_blocks(get_record(current).tokenizer, recipe.calibration, calib_texts)
         print(f"slmkit: step {index + 1}/{len(recipe.steps)}: {step.name} {json.dumps(step.to_dict())}")
-        apply_step(current, step, calib)
+        # a step with its own resumable state (distillation) keeps it under the partial directory
+        work_dir = partial / f"step-{index + 1}-{step.name}" if partial is not None else None
+        apply_step(current, step, calib, context=StepContext(recipe.model, work_dir, device))
         seconds[f"step {index + 1} {step.name}"] = time.perf_counter() - start
-        if partial is not None and index + 1 < len(recipe.steps):
+        if partial is not None and index + 1 < len(recipe.steps) and _is_main_process():
             save(current, partial / "checkpoint", overwrite=True)
             (partial / "state.json").write_text(
                 json.dumps({"fingerprint": recipe.fingerprint(), "completed_steps": index + 1}) + "\n"
             )
+            if work_dir is not None and work_dir.exists():
+                shutil.rmtree(work_dir)  # the step's result is in the checkpoint now
+        _wait_for_everyone()
 
     report = None
     if recipe.evaluation is not None:
@@ -204,10 +230,11 @@ def run_recipe(recipe: Recipe | str | os.PathLike, output: str | os.PathLike | N
         seconds["evaluate"] = time.perf_counter() - start
     get_record(current).metrics["recipe"] = recipe.to_dict()
     get_record(current).metrics["seconds"] = seconds
-    if output is not None:
+    if output is not None and _is_main_process():
         start = time.perf_counter()
         save(current, output, overwrite=overwrite)
         seconds["save"] = time.perf_counter() - start
         if partial.exists():
             shutil.rmtree(partial)
+    _wait_for_everyone()
     return RecipeResult(current, output, report, seconds)

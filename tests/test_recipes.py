@@ -2,6 +2,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 import slmkit
 from slmkit.config import BaseConfig, ConfigError, register
@@ -107,3 +108,49 @@ def test_interrupted_run_resumes_after_the_last_finished_step(tiny_dir, tmp_path
         run_recipe(recipe, output=tmp_path / "out2")
     with pytest.raises(SlmkitError, match="partial run of a different recipe"):
         run_recipe(other, output=tmp_path / "out2")
+
+
+DISTILL_STEP = {"distill": {"steps": 4, "batch_size": 2, "micro_batch_size": 1, "learning_rate": 1e-3,
+                            "warmup_steps": 1, "eval_every": 2, "save_every": 1,
+                            "data": {"num_blocks": 8, "block_len": 32}, "eval": {"max_tokens": 64, "seq_len": 32}}}
+
+
+def _distill_recipe(model_dir, text):
+    data = _recipe(model_dir, text, [{"width": {"ffn": 0.25}}, DISTILL_STEP])
+    for key in ("data", "eval"):  # the step's own text: the test file
+        data["steps"][1]["distill"][key] = {**DISTILL_STEP["distill"][key], "source": str(text), "split": "all"}
+    return Recipe.from_dict(data)
+
+
+def test_prune_then_distill_recipe_resumes_inside_the_distillation(tiny_dir, tmp_path, monkeypatch):
+    from slmkit.distill import trainer
+
+    model_dir, text = tiny_dir
+    recipe = _distill_recipe(model_dir, text)
+    straight = run_recipe(recipe, output=tmp_path / "straight")
+    manifest = json.loads((tmp_path / "straight" / "slmkit.json").read_text())
+    assert [next(iter(s)) for s in manifest["steps"]] == ["width", "distill"]
+    evals = manifest["metrics"]["distill"]["evals"]
+    assert [e["step"] for e in evals] == [0, 2, 4]  # learning itself is tested in tests/distill
+    assert manifest["steps"][1]["distill"]["teacher"] is None  # the recipe's model taught
+
+    original = trainer.DistillTrainer._micro_batch_loss
+
+    def interrupted(self, batch, on_policy):
+        if self.step == 2:
+            raise KeyboardInterrupt
+        return original(self, batch, on_policy)
+
+    monkeypatch.setattr(trainer.DistillTrainer, "_micro_batch_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(recipe, output=tmp_path / "out")
+    work = tmp_path / "out.partial" / "step-2-distill"
+    assert [d.name for d in trainer.checkpoint_dirs(work)] == ["step-00000001", "step-00000002"]
+    monkeypatch.undo()
+    resumed = run_recipe(recipe, output=tmp_path / "out")
+    assert not (tmp_path / "out.partial").exists()
+    expected = straight.model.state_dict()
+    for name, tensor in resumed.model.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+    reloaded = slmkit.load_model(tmp_path / "out")
+    assert reloaded.config.intermediate_size == straight.model.config.intermediate_size < 96
