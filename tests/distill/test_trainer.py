@@ -271,7 +271,6 @@ def test_quantized_student_is_refused():
 
 
 def test_8bit_adamw_needs_bitsandbytes():
-    pytest.importorskip("torch")
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
