@@ -1,5 +1,6 @@
 """Kernel benchmarks on a CUDA GPU, each beside its baseline in the same run (BENCHMARKS.md):
-prefill attention vs torch SDPA's flash backend (TFLOP/s, causal, GQA), and the fused RMSNorm+residual,
+prefill attention vs torch SDPA's flash backend (TFLOP/s, causal, GQA), paged decode attention vs SDPA
+on a contiguous cache (GB/s at long context), and the fused RMSNorm+residual,
 SwiGLU and rotary kernels vs the eager PyTorch ops they replace (GB/s). Every kernel is first checked
 against its reference (relative error). Times are medians of ``triton.testing.do_bench``.
 Prints tables and writes JSON + Markdown. Exits 2 without a CUDA GPU.
@@ -54,6 +55,37 @@ def bench_attention(dtype: torch.dtype) -> list[dict]:
                      "relative_error": error, "ours_ms": ours_ms, "sdpa_flash_ms": sdpa_ms,
                      "ours_tflops": flops / ours_ms / 1e9, "sdpa_flash_tflops": flops / sdpa_ms / 1e9,
                      "ratio": sdpa_ms / ours_ms})
+    return rows
+
+
+def bench_decode(dtype: torch.dtype) -> list[dict]:
+    """Paged decode attention at long context: achieved GB/s of the K/V bytes read, vs SDPA on a contiguous cache."""
+    import triton.testing
+
+    from slmkit.kernels.decode_attention import decode_attention, decode_attention_ref
+
+    rows = []
+    heads, kv_heads, dim, block_size = 32, 8, 128, 16
+    for batch, context in [(1, 8192), (4, 8192), (1, 32768), (16, 4096)]:
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        blocks = context // block_size
+        q = torch.randn(batch, heads, dim, device="cuda", generator=gen).to(dtype)
+        k_cache = torch.randn(batch * blocks, block_size, kv_heads, dim, device="cuda", generator=gen).to(dtype)
+        v_cache = torch.randn_like(k_cache)
+        table = torch.randperm(batch * blocks, device="cuda", generator=gen).view(batch, blocks).int()
+        lengths = torch.full((batch,), context, device="cuda", dtype=torch.int32)
+        error = _relative_error(decode_attention(q, k_cache, v_cache, table, lengths),
+                                decode_attention_ref(q, k_cache, v_cache, table, lengths))
+        keys = k_cache[table.long()].flatten(1, 2).transpose(1, 2).contiguous()  # (B, Hkv, T, D), contiguous copy
+        values = v_cache[table.long()].flatten(1, 2).transpose(1, 2).contiguous()
+        ours_ms = triton.testing.do_bench(lambda: decode_attention(q, k_cache, v_cache, table, lengths),
+                                          return_mode="median")
+        sdpa_ms = triton.testing.do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, None], keys, values, enable_gqa=True), return_mode="median")
+        nbytes = 2 * batch * context * kv_heads * dim * q.element_size()
+        rows.append({"batch": batch, "context": context, "relative_error": error, "ours_ms": ours_ms,
+                     "sdpa_contiguous_ms": sdpa_ms, "ours_gb_s": nbytes / ours_ms / 1e6,
+                     "sdpa_gb_s": nbytes / sdpa_ms / 1e6, "ratio": sdpa_ms / ours_ms})
     return rows
 
 
@@ -116,8 +148,8 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     dtype = getattr(torch, args.dtype)
-    attention, fused = bench_attention(dtype), bench_fused(dtype)
-    result = {**environment(), "dtype": args.dtype, "attention": attention, "fused": fused}
+    attention, decode, fused = bench_attention(dtype), bench_decode(dtype), bench_fused(dtype)
+    result = {**environment(), "dtype": args.dtype, "attention": attention, "decode": decode, "fused": fused}
     lines = markdown_header(result, f"Kernels vs baselines ({args.dtype})")
     lines += ["Causal prefill attention vs torch SDPA (flash backend), equal-length sequences:", ""]
     lines += markdown_table(
@@ -125,6 +157,12 @@ def main(argv=None) -> int:
         [[f"{r['batch']} × {r['length']}", f"{r['heads']} / {r['kv_heads']}", str(r["head_dim"]),
           f"{r['relative_error']:.1e}", f"{r['ours_tflops']:.0f}", f"{r['sdpa_flash_tflops']:.0f}", f"{r['ratio']:.2f}×"]
          for r in attention])
+    lines += ["", "Paged decode attention (32 / 8 heads, D 128, 16-token blocks) vs SDPA on a contiguous cache; "
+              "GB/s of the K/V bytes read:", ""]
+    lines += markdown_table(
+        ["B", "context", "rel. error", "ours GB/s", "SDPA GB/s", "ours / SDPA"],
+        [[str(r["batch"]), f"{r['context']:,}", f"{r['relative_error']:.1e}", f"{r['ours_gb_s']:,.0f}",
+          f"{r['sdpa_gb_s']:,.0f}", f"{r['ratio']:.2f}×"] for r in decode])
     lines += ["", "Fused ops vs the eager PyTorch ops they replace (GB/s of the bytes each must move):", ""]
     lines += markdown_table(
         ["op", "rel. error", "ours GB/s", "eager GB/s", "speed-up"],

@@ -21,3 +21,18 @@ def test_prefill_attention_on_cuda(dim, dtype):
     out = prefill_attention(q, k, v, cu)
     ref = prefill_attention_ref(q, k, v, cu)
     assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_attention_on_cuda(dtype):
+    from slmkit.kernels.decode_attention import decode_attention, decode_attention_ref
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(3, 8, 128, device="cuda", generator=generator).to(dtype)
+    k_cache = torch.randn(200, 16, 2, 128, device="cuda", generator=generator).to(dtype)
+    v_cache = torch.randn_like(k_cache)
+    table = torch.randperm(200, device="cuda", generator=generator)[:192].view(3, 64).int()
+    lengths = torch.tensor([1, 500, 1024], device="cuda", dtype=torch.int32)
+    out = decode_attention(q, k_cache, v_cache, table, lengths)
+    ref = decode_attention_ref(q, k_cache, v_cache, table, lengths)
+    assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
