@@ -24,7 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from slmkit.eval.metrics import kl_divergence
+from slmkit.eval.metrics import kl_divergence, token_nll
 
 LOSSES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl")
 
@@ -180,8 +180,7 @@ def logit_distillation_loss(student_logits: torch.Tensor, teacher_log_probs: tor
 
 def next_token_cross_entropy(student_logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy: logits (B, T, V) predict tokens[:, 1:]; mask (B, T) marks counted positions."""
-    nll = F.cross_entropy(_upcast(student_logits[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
-    return masked_mean(nll.view(tokens.shape[0], -1), mask[:, :-1])
+    return masked_mean(token_nll(student_logits, tokens), mask[:, :-1])
 
 
 def hidden_state_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

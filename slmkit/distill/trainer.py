@@ -36,6 +36,7 @@ from slmkit.distill import losses
 from slmkit.distill.config import DistillConfig
 from slmkit.errors import SlmkitError
 from slmkit.eval import metrics
+from slmkit.eval.evaluate import score_windows
 from slmkit.models.arch import blocks
 
 CHECKPOINTS = "checkpoints"
@@ -62,8 +63,6 @@ class DistillModule(nn.Module):
             nn.Linear(width, teacher_width, bias=False, device=weight.device, dtype=weight.dtype)
             for _ in (layer_pairs if project else [])
         )
-        # FSDP's transformer auto-wrap policy reads this from the top module
-        self._no_split_modules = getattr(student, "_no_split_modules", None)
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Student logits (B, T, V) and its mapped hidden states, projected to the teacher's width."""
@@ -96,7 +95,7 @@ def check_pair(student: nn.Module, teacher: nn.Module) -> None:
         if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
             raise SlmkitError("the student's tokenizer differs from the teacher's (same size, other tokens); "
                               "distillation needs the same tokenizer")
-    quantized = [name for name, module in get_record(student).modules.items()]
+    quantized = list(get_record(student).modules)  # paths of replaced (quantized) modules
     if quantized or not any(p.requires_grad and p.is_floating_point() for p in student.parameters()):
         where = f" ({quantized[0]}, ...)" if quantized else ""
         raise SlmkitError(f"the student has quantized layers{where} that cannot train; distill before "
@@ -125,14 +124,14 @@ def layer_pairs(student: nn.Module, teacher: nn.Module, config: DistillConfig) -
     return [(s, t) for s, t in config.hidden_layers]
 
 
-def sparsity_masks(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Masks (True = keep) of the 2-D weights that pruning left with ≥ 10 % exact zeros."""
-    masks = {}
-    for name, parameter in model.named_parameters():
+def sparsity_masks(model: nn.Module) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """(weight, mask) pairs (mask True = keep) of the 2-D weights that pruning left with ≥ 10 % exact zeros."""
+    masks = []
+    for parameter in model.parameters():
         if parameter.dim() == 2 and parameter.is_floating_point():
             keep = parameter.detach() != 0
             if 1 - keep.float().mean().item() >= SPARSE_THRESHOLD:
-                masks[name] = keep
+                masks.append((parameter, keep))
     return masks
 
 
@@ -244,7 +243,6 @@ class DistillTrainer:
         self.pairs = layer_pairs(student, teacher, config)
         if config.gradient_checkpointing:
             _set_activation_checkpointing(student, True)
-        self.masks = sparsity_masks(student) if config.keep_sparsity else {}
         self.fingerprint = {"config": config.training_fingerprint(), "data": _tensor_digest(train_blocks),
                             "data_shape": list(train_blocks.shape),
                             "student_parameters": sum(p.numel() for p in student.parameters())}
@@ -266,7 +264,8 @@ class DistillTrainer:
         self.saved_step = -1
         self.step_rng_states: dict[str, Any] | None = None
         self.teacher_perplexity: float | None = None
-        self.masks = {name: mask.to(self.accelerator.device) for name, mask in self.masks.items()}
+        # after prepare: the weights are on the training device (DDP keeps the same parameter objects)
+        self.masks = sparsity_masks(student) if config.keep_sparsity else []
 
     # --- checkpoints and logs -------------------------------------------------------------------
     def resume(self) -> None:
@@ -328,8 +327,8 @@ class DistillTrainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             with open(self.output_dir / LOG_FILE, "a") as log:
                 log.write(json.dumps(entry) + "\n")
-        numbers = {f"{entry['kind']}/{k}": v for k, v in entry.items() if isinstance(v, (int, float)) and k != "step"}
         if self.accelerator.log_with:
+            numbers = {f"{entry['kind']}/{k}": v for k, v in entry.items() if isinstance(v, (int, float)) and k != "step"}
             self.accelerator.log(numbers, step=entry["step"])
 
     def _print(self, text: str) -> None:
@@ -340,23 +339,24 @@ class DistillTrainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
         """Held-out perplexity of the student, and its KL / top-1 agreement against the teacher."""
-        self.module.eval()
-        nll, teacher_nll, kl, agree, count = 0.0, 0.0, 0.0, 0, 0
         device = self.accelerator.device
-        for batch in self.eval_blocks.split(self.config.micro_batch_size):
-            batch = batch.to(device)  # (B, T)
+
+        def student_logits(batch: torch.Tensor) -> torch.Tensor:
             with self.accelerator.autocast():
-                logits, _ = self.module(batch)
-                teacher_logits = self.teacher(input_ids=batch, use_cache=False).logits
-            nll += metrics.token_nll(logits, batch).sum().item()
-            teacher_nll += metrics.token_nll(teacher_logits, batch).sum().item()
-            kl += metrics.token_kl(teacher_logits[:, :-1], logits[:, :-1]).sum().item()
-            agree += metrics.top1_agreement(teacher_logits[:, :-1], logits[:, :-1]).sum().item()
-            count += batch[:, 1:].numel()
+                return self.module(batch.to(device))[0]
+
+        def teacher_logits(batch: torch.Tensor) -> torch.Tensor:
+            with self.accelerator.autocast():
+                return self.teacher(input_ids=batch.to(device), use_cache=False).logits
+
+        self.module.eval()
+        scores = score_windows(student_logits, teacher_logits, self.eval_blocks, self.config.micro_batch_size,
+                               progress=False)
         self.module.train()
-        self.teacher_perplexity = metrics.perplexity(teacher_nll, count)
+        self.teacher_perplexity = metrics.perplexity(scores.reference_nll_sum, scores.count)
         result = {"kind": "eval", "step": self.step, "tokens": self.tokens,
-                  "perplexity": metrics.perplexity(nll, count), "kl": kl / count, "top1_agreement": agree / count,
+                  "perplexity": metrics.perplexity(scores.nll_sum, scores.count),
+                  "kl": scores.kl.double().mean().item(), "top1_agreement": scores.agree / scores.count,
                   "teacher_perplexity": self.teacher_perplexity}
         if not self.evals or self.evals[-1]["step"] != self.step:
             self.evals.append(result)
@@ -435,13 +435,9 @@ class DistillTrainer:
         return parts
 
     def _apply_masks(self) -> None:
-        if not self.masks:
-            return
-        student = self.accelerator.unwrap_model(self.module).student
         with torch.no_grad():
-            for name, parameter in student.named_parameters():
-                if name in self.masks:
-                    parameter.mul_(self.masks[name])
+            for parameter, keep in self.masks:
+                parameter.mul_(keep)
 
     def _optimizer_step(self, batches) -> dict[str, float]:
         """Accumulate gradients over the micro-batches of one step, clip, update; returns the mean losses."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Callable
 
 import torch
 from torch import nn
@@ -48,6 +49,43 @@ def _logits(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return model(input_ids=tokens.to(_device_of(model)), use_cache=False).logits
 
 
+@dataclasses.dataclass
+class WindowScores:
+    """Totals over evaluation windows (see :func:`score_windows`)."""
+
+    nll_sum: float  # the model's summed next-token NLL
+    count: int  # predicted tokens
+    reference_nll_sum: float = 0.0  # the reference's, when there is one
+    kl: torch.Tensor | None = None  # per predicted token KL(reference ‖ model), on the CPU
+    agree: int = 0  # predicted tokens where both models' top-1 tokens agree
+
+
+def score_windows(logits_of: Callable[[torch.Tensor], torch.Tensor],
+                  reference_logits_of: Callable[[torch.Tensor], torch.Tensor] | None,
+                  windows: torch.Tensor, batch_size: int, progress: bool = True) -> WindowScores:
+    """Run a model (and optionally its reference) over token windows (N, T) and total the metrics.
+
+    ``logits_of(batch)`` returns the model's logits (B, T, V) for a CPU batch of token ids; positions
+    0..T-2 predict a scored token (the last position predicts beyond the window).
+    """
+    nll_sum, reference_nll_sum, count, agree, kl_values = 0.0, 0.0, 0, 0, []
+    batches = range(0, windows.shape[0], batch_size)
+    with torch.no_grad():
+        for first in tqdm(batches, desc="evaluating", unit="batch", disable=not progress):
+            batch = windows[first : first + batch_size]  # (B, T)
+            logits = logits_of(batch)  # (B, T, V)
+            target = batch.to(logits.device)
+            nll_sum += metrics.token_nll(logits, target).sum().item()
+            count += target[:, 1:].numel()
+            if reference_logits_of is not None:
+                reference_logits = reference_logits_of(batch).to(logits.device)
+                reference_nll_sum += metrics.token_nll(reference_logits, target).sum().item()
+                kl_values.append(metrics.token_kl(reference_logits[:, :-1], logits[:, :-1]).flatten().cpu())
+                agree += metrics.top1_agreement(reference_logits[:, :-1], logits[:, :-1]).sum().item()
+    kl = torch.cat(kl_values) if kl_values else None
+    return WindowScores(nll_sum, count, reference_nll_sum, kl, agree)
+
+
 def evaluate(model: nn.Module, reference: nn.Module | str | None = None, config: EvalConfig | None = None,
              tokenizer=None) -> EvalReport:
     """Measure ``model`` on held-out text; against ``reference`` also KL divergence and top-1 agreement.
@@ -84,26 +122,15 @@ def evaluate(model: nn.Module, reference: nn.Module | str | None = None, config:
     device = _device_of(model)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    nll_sum, ref_nll_sum, count = 0.0, 0.0, 0
-    kl_values, agree = [], 0
     start = time.perf_counter()
-    with torch.no_grad():
-        for first in tqdm(range(0, windows.shape[0], config.batch_size), desc="evaluating", unit="batch"):
-            batch = windows[first : first + config.batch_size]  # (B, T)
-            logits = _logits(model, batch)  # (B, T, V)
-            target = batch.to(logits.device)
-            nll_sum += metrics.token_nll(logits, target).sum().item()
-            count += target[:, 1:].numel()
-            if reference is not None:
-                ref_logits = _logits(reference, batch).to(logits.device)
-                ref_nll_sum += metrics.token_nll(ref_logits, target).sum().item()
-                # positions 0..T-2 predict a scored token; the last position predicts beyond the window
-                kl_values.append(metrics.token_kl(ref_logits[:, :-1], logits[:, :-1]).flatten().cpu())
-                agree += metrics.top1_agreement(ref_logits[:, :-1], logits[:, :-1]).sum().item()
+    scores = score_windows(lambda batch: _logits(model, batch),
+                           None if reference is None else (lambda batch: _logits(reference, batch)),
+                           windows, config.batch_size)
     seconds = time.perf_counter() - start
+    count = scores.count
     report = EvalReport(
         tokens=count,
-        perplexity=metrics.perplexity(nll_sum, count),
+        perplexity=metrics.perplexity(scores.nll_sum, count),
         weights=weight_count(model),
         weight_bytes=weight_bytes(model),
         peak_memory_bytes=peak_memory_bytes(device),
@@ -112,11 +139,11 @@ def evaluate(model: nn.Module, reference: nn.Module | str | None = None, config:
         data=config.to_dict(),
     )
     if reference is not None:
-        kl = torch.cat(kl_values).double()
-        report.reference_perplexity = metrics.perplexity(ref_nll_sum, count)
+        kl = scores.kl.double()
+        report.reference_perplexity = metrics.perplexity(scores.reference_nll_sum, count)
         report.reference_weight_bytes = weight_bytes(reference)
         report.kl_mean = kl.mean().item()
         report.kl_p99 = torch.quantile(kl, 0.99).item()
-        report.top1_agreement = agree / count
+        report.top1_agreement = scores.agree / count
     get_record(model).metrics["eval"] = report.to_dict()
     return report
