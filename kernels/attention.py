@@ -3,7 +3,9 @@ causal, GQA/MQA, fp16/bf16 (fp32 too, for tests).
 
     O_i = softmax(Q_i K^T · scale + causal mask) V        per sequence and query head
 
-Sequences are packed along the token axis, ``cu_seqlens`` (B + 1) giving where each starts. Query head h
+Sequences are packed along the token axis, ``cu_seqlens`` (B + 1) giving where each starts. Keys may
+be longer than queries (``cu_seqlens_k``): a chunk of new tokens attending to a cached prefix plus
+itself, the causal mask aligned at the end (query i of Tq sees keys ≤ i + Tk − Tq). Query head h
 reads key/value head ``h // (Hq / Hkv)``. One program computes a BLOCK_M block of queries of one
 (sequence, head), streaming BLOCK_N blocks of keys with the online softmax (running max and sum in
 float32), so the T × T score matrix never exists.
@@ -22,7 +24,7 @@ if HAVE_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _prefill_attention_kernel(Q, K, V, O, CU_SEQLENS, scale_log2,
+    def _prefill_attention_kernel(Q, K, V, O, CU_SEQLENS, CU_SEQLENS_K, scale_log2,
                                   stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                                   stride_ot, stride_oh, num_heads, group, head_dim,
                                   CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -34,6 +36,9 @@ if HAVE_TRITON:
         kv_head = head // group
         start = tl.load(CU_SEQLENS + sequence)
         length = tl.load(CU_SEQLENS + sequence + 1) - start
+        start_k = tl.load(CU_SEQLENS_K + sequence)
+        length_k = tl.load(CU_SEQLENS_K + sequence + 1) - start_k
+        shift = length_k - length  # cached prefix before this chunk's first query
         if block_m * BLOCK_M < length:
             offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
             offs_n = tl.arange(0, BLOCK_N)
@@ -46,27 +51,27 @@ if HAVE_TRITON:
             running_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
             running_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
             acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-            end = length
+            end = length_k
             if CAUSAL:
-                end = tl.minimum((block_m + 1) * BLOCK_M, length)
+                end = tl.minimum((block_m + 1) * BLOCK_M + shift, length_k)
             for start_n in range(0, end, BLOCK_N):
                 keys = start_n + offs_n
-                k = tl.load(K + (start + keys)[None, :] * stride_kt + kv_head * stride_kh + offs_d[:, None],
-                            mask=(keys[None, :] < length) & d_mask[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
+                k = tl.load(K + (start_k + keys)[None, :] * stride_kt + kv_head * stride_kh + offs_d[:, None],
+                            mask=(keys[None, :] < length_k) & d_mask[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
                 if DOT_FP32:
                     k = k.to(tl.float32)
                 scores = tl.dot(q, k) * scale_log2  # (BLOCK_M, BLOCK_N), in log2 units
-                valid = keys[None, :] < length
+                valid = keys[None, :] < length_k
                 if CAUSAL:
-                    valid = valid & (offs_m[:, None] >= keys[None, :])
+                    valid = valid & (offs_m[:, None] + shift >= keys[None, :])
                 scores = tl.where(valid, scores, float("-inf"))
                 new_max = tl.maximum(running_max, tl.max(scores, axis=1))
                 new_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows past the end: no NaN
                 p = tl.math.exp2(scores - new_max[:, None])
                 correction = tl.math.exp2(running_max - new_max)
                 running_sum = running_sum * correction + tl.sum(p, axis=1)
-                v = tl.load(V + (start + keys)[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
-                            mask=(keys[:, None] < length) & d_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
+                v = tl.load(V + (start_k + keys)[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
+                            mask=(keys[:, None] < length_k) & d_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
                 if DOT_FP32:
                     v = v.to(tl.float32)
                 acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v)
@@ -76,44 +81,59 @@ if HAVE_TRITON:
                      out.to(O.dtype.element_ty), mask=(offs_m[:, None] < length) & d_mask[None, :])
 
 
-def _check(q, k, v, cu_seqlens):
-    if q.dim() != 3 or k.shape != v.shape or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+def _check(q, k, v, cu_seqlens, cu_seqlens_k):
+    if q.dim() != 3 or k.shape != v.shape or k.dim() != 3 or q.shape[2] != k.shape[2]:
         raise ValueError(f"attention: q must be (tokens, Hq, D) and k, v (tokens, Hkv, D); got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"attention: {q.shape[1]} query heads are not a multiple of {k.shape[1]} key/value heads")
     if cu_seqlens.dim() != 1 or int(cu_seqlens[-1]) != q.shape[0] or int(cu_seqlens[0]) != 0:
         raise ValueError(f"attention: cu_seqlens must run from 0 to the token count {q.shape[0]}, got {cu_seqlens.tolist()}")
+    if cu_seqlens_k.shape != cu_seqlens.shape or int(cu_seqlens_k[-1]) != k.shape[0] or int(cu_seqlens_k[0]) != 0:
+        raise ValueError(f"attention: cu_seqlens_k must run from 0 to the key count {k.shape[0]} with one entry per "
+                         f"cu_seqlens entry, got {cu_seqlens_k.tolist()}")
+    if bool(((cu_seqlens_k[1:] - cu_seqlens_k[:-1]) < (cu_seqlens[1:] - cu_seqlens[:-1])).any()):
+        raise ValueError("attention: every sequence needs at least as many keys as queries")
 
 
 def prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                          causal: bool = True, scale: float | None = None) -> torch.Tensor:
+                          causal: bool = True, scale: float | None = None,
+                          cu_seqlens_k: torch.Tensor | None = None) -> torch.Tensor:
     """PyTorch reference of :func:`prefill_attention`: SDPA per sequence, in float32."""
-    _check(q, k, v, cu_seqlens)
+    cu_seqlens_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
+    _check(q, k, v, cu_seqlens, cu_seqlens_k)
     group = q.shape[1] // k.shape[1]
     out = torch.empty_like(q)
-    bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds, bounds[1:]):
+    bounds, bounds_k = cu_seqlens.tolist(), cu_seqlens_k.tolist()
+    for start, end, start_k, end_k in zip(bounds, bounds[1:], bounds_k, bounds_k[1:]):
         if end == start:
             continue
-        qs = q[start:end].transpose(0, 1).float()  # (Hq, T, D)
-        ks = k[start:end].transpose(0, 1).float().repeat_interleave(group, dim=0)
-        vs = v[start:end].transpose(0, 1).float().repeat_interleave(group, dim=0)
-        o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale)
+        qs = q[start:end].transpose(0, 1).float()  # (Hq, Tq, D)
+        ks = k[start_k:end_k].transpose(0, 1).float().repeat_interleave(group, dim=0)  # (Hq, Tk, D)
+        vs = v[start_k:end_k].transpose(0, 1).float().repeat_interleave(group, dim=0)
+        mask = None
+        if causal:  # aligned at the end: query i sees keys <= i + Tk - Tq
+            shift = (end_k - start_k) - (end - start)
+            mask = torch.ones(end - start, end_k - start_k, dtype=torch.bool, device=q.device).tril(shift)
+        o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)
         out[start:end] = o.transpose(0, 1).to(q.dtype)
     return out
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                      max_seqlen: int | None = None, causal: bool = True, scale: float | None = None) -> torch.Tensor:
-    """Attention over packed variable-length sequences: q (tokens, Hq, D), k/v (tokens, Hkv, D) → (tokens, Hq, D).
+                      max_seqlen: int | None = None, causal: bool = True, scale: float | None = None,
+                      cu_seqlens_k: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention over packed variable-length sequences: q (tokens, Hq, D), k/v (keys, Hkv, D) → (tokens, Hq, D).
 
-    ``cu_seqlens``: int32 (B + 1) cumulative lengths; ``max_seqlen``: the longest sequence (computed when
-    omitted); ``scale`` defaults to 1/√D. Runs the Triton kernel on CUDA (or under ``TRITON_INTERPRET=1``).
+    ``cu_seqlens``: int32 (B + 1) cumulative query lengths; ``max_seqlen``: the longest query run (computed
+    when omitted); ``scale`` defaults to 1/√D. ``cu_seqlens_k`` (defaults to ``cu_seqlens``) gives key
+    runs at least as long as the query runs: the queries are the last tokens of each key run (a new chunk
+    after a cached prefix). Runs the Triton kernel on CUDA (or under ``TRITON_INTERPRET=1``).
     """
-    _check(q, k, v, cu_seqlens)
+    cu_seqlens_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
+    _check(q, k, v, cu_seqlens, cu_seqlens_k)
     if not use_triton(q, k, v):
-        return prefill_attention_ref(q, k, v, cu_seqlens, causal, scale)
+        return prefill_attention_ref(q, k, v, cu_seqlens, causal, scale, cu_seqlens_k)
     tokens, heads, head_dim = q.shape
     if max_seqlen is None:
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
@@ -127,7 +147,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     block_d = max(16, triton.next_power_of_2(head_dim))
     grid = (triton.cdiv(max_seqlen, block_m), (cu_seqlens.numel() - 1) * heads)
     _prefill_attention_kernel[grid](
-        q, k, v, out, cu_seqlens.to(torch.int32), scale * 1.4426950408889634,  # log2(e): exp2 instead of exp
+        q, k, v, out, cu_seqlens.to(torch.int32), cu_seqlens_k.to(torch.int32), scale * 1.4426950408889634,  # log2(e): exp2 instead of exp
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         heads, heads // k.shape[1], head_dim, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         # the CPU interpreter's dot mishandles bfloat16 operands: it gets them in float32 (GPUs keep bf16)

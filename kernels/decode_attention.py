@@ -83,7 +83,7 @@ if HAVE_TRITON:
         tl.store(O + sequence * stride_ob + head * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=offs_d < head_dim)
 
 
-def _check(q, k_cache, v_cache, block_table, seq_lens):
+def _check(q, k_cache, v_cache, block_table, seq_lens, read_lengths=True):
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape or q.shape[-1] != k_cache.shape[-1]:
         raise ValueError(f"decode_attention: q must be (B, Hq, D) and the caches (blocks, block_size, Hkv, D); got "
                          f"q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}")
@@ -91,7 +91,7 @@ def _check(q, k_cache, v_cache, block_table, seq_lens):
         raise ValueError(f"decode_attention: {q.shape[1]} query heads are not a multiple of {k_cache.shape[2]} kv heads")
     if block_table.shape[0] != q.shape[0] or seq_lens.shape != (q.shape[0],):
         raise ValueError("decode_attention: block_table (B, max_blocks) and seq_lens (B,) must have the batch of q")
-    if int(seq_lens.min()) < 1 or int(seq_lens.max()) > block_table.shape[1] * k_cache.shape[1]:
+    if read_lengths and (int(seq_lens.min()) < 1 or int(seq_lens.max()) > block_table.shape[1] * k_cache.shape[1]):
         raise ValueError(f"decode_attention: sequence lengths {seq_lens.tolist()} must be ≥ 1 and fit the block table")
 
 
@@ -112,22 +112,25 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-                     seq_lens: torch.Tensor, num_splits: int | None = None, scale: float | None = None) -> torch.Tensor:
+                     seq_lens: torch.Tensor, num_splits: int | None = None, scale: float | None = None,
+                     max_seqlen: int | None = None) -> torch.Tensor:
     """One query token per sequence against its paged context → (B, Hq, D).
 
     Args:
         q: (B, Hq, D). k_cache, v_cache: (num_blocks, block_size, Hkv, D); block_size a power of 2.
         block_table: int32 (B, max_blocks); seq_lens: int32 (B,) tokens of context (≥ 1).
         num_splits: KV partitions per (sequence, head); None picks enough to fill the GPU at small batch.
+        max_seqlen: an upper bound of ``seq_lens``. Given, the launcher never reads ``seq_lens`` on the host,
+            so the call can be captured in a CUDA graph (the engine passes the block table's capacity).
     """
-    _check(q, k_cache, v_cache, block_table, seq_lens)
+    _check(q, k_cache, v_cache, block_table, seq_lens, read_lengths=max_seqlen is None)
     if not use_triton(q, k_cache, v_cache):
         return decode_attention_ref(q, k_cache, v_cache, block_table, seq_lens, scale)
     batch, heads, head_dim = q.shape
     block_size = k_cache.shape[1]
     if block_size & (block_size - 1):
         raise ValueError(f"decode_attention: block_size must be a power of 2, got {block_size}")
-    max_blocks = -(-int(seq_lens.max()) // block_size)
+    max_blocks = -(-(int(seq_lens.max()) if max_seqlen is None else max_seqlen) // block_size)
     if num_splits is None:  # aim for ≥ 4 programs per SM-ish: 132 SMs on an H100
         num_splits = max(1, min(max_blocks, -(-528 // (batch * heads))))
     num_splits = max(1, min(num_splits, max_blocks))

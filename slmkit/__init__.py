@@ -13,6 +13,7 @@ from slmkit.config import BaseConfig
 from slmkit.data import DataConfig, calib_data
 from slmkit.errors import SlmkitError
 from slmkit.distill import DistillConfig, distill
+from slmkit.engine import Completion, Engine, EngineConfig, SamplingParams, StreamDelta
 from slmkit.eval import EvalConfig, EvalReport, evaluate
 from slmkit.generation import generate
 from slmkit.models.checkpoint import save
@@ -26,18 +27,23 @@ from slmkit.recipes import Recipe, run_recipe
 __all__ = [
     "__version__",
     "BaseConfig",
+    "Completion",
     "DataConfig",
     "DepthPruneConfig",
     "DistillConfig",
+    "Engine",
+    "EngineConfig",
     "EvalConfig",
     "EvalReport",
     "MagnitudePruneConfig",
     "Recipe",
     "SlmConfig",
     "SlmForCausalLM",
+    "SamplingParams",
     "SlmkitError",
     "SmoothQuantConfig",
     "SparseGPTConfig",
+    "StreamDelta",
     "WandaConfig",
     "WidthPruneConfig",
     "calib_data",

@@ -73,6 +73,14 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    if args.what == "generate":
+        from slmkit.bench.generation import main as bench_main
+    else:
+        from slmkit.bench.kernels import main as bench_main
+    return bench_main(args.rest)
+
+
 def cmd_info(args) -> int:
     from slmkit.models.checkpoint import read_manifest
 
@@ -114,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_formatter,
         description="Compress open Transformer language models and measure what quality they kept.",
         epilog="examples:\n  slmkit run recipes/smollm2-w8a8.yaml\n  slmkit eval out/smollm2-w8a8 --reference smollm2-135m\n"
-        "  slmkit generate smollm2-135m --prompt 'Write a haiku about autumn.'\n  slmkit info out/smollm2-w8a8",
+        "  slmkit generate smollm2-135m --prompt 'Write a haiku about autumn.'\n  slmkit info out/smollm2-w8a8\n"
+        "  slmkit bench generate smollm2-135m --device cuda",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     from slmkit import __version__
@@ -177,6 +186,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     gen.add_argument("--device", default="cpu", help="cpu or cuda")
     gen.set_defaults(handler=cmd_generate)
+
+    bench = sub.add_parser("bench", help="speed: the engine vs HF generate, kernels vs torch",
+                           formatter_class=_formatter,
+                           description="Benchmarks that print tables and write JSON + Markdown (+ PNG plots with "
+                           "matplotlib).\n  generate  TTFT, TPOT, inter-token latency, tokens/s, memory and "
+                           "bandwidth of the engine beside HF generate (eager; static cache + torch.compile); "
+                           "runs on CPU too, slowly\n  kernels   attention vs torch SDPA (flash), paged decode, "
+                           "fused ops vs eager (CUDA only)\nRun `slmkit bench generate --help` for the options.",
+                           epilog="examples:\n  slmkit bench generate smollm2-135m --device cuda --out benchmarks/results/h100\n"
+                           "  slmkit bench generate random:llama-1b --batch 1 --shapes 128/256 --device cuda\n"
+                           "  slmkit bench generate smollm2-135m --shapes 32/16 --batch 1,4 --out /tmp/bench   # CPU\n"
+                           "  slmkit bench kernels --out benchmarks/results/h100")
+    bench.add_argument("what", choices=["generate", "kernels"], help="which benchmark")
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options (see its --help)")
+    bench.set_defaults(handler=cmd_bench)
 
     info = sub.add_parser("info", help="what a checkpoint is and how it was made", formatter_class=_formatter,
                           description="Describe an slmkit checkpoint: architecture, source model, the steps "

@@ -3,7 +3,7 @@ import pytest
 from slmkit.cli import build_parser, main
 
 
-@pytest.mark.parametrize("command", ["run", "eval", "generate", "info"])
+@pytest.mark.parametrize("command", ["run", "eval", "generate", "info", "bench"])
 def test_every_command_has_help_with_examples(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
@@ -15,7 +15,7 @@ def test_every_command_has_help_with_examples(command, capsys):
 def test_top_level_help_lists_commands(capsys):
     assert main([]) == 2
     out = capsys.readouterr().out
-    for command in ("run", "eval", "generate", "info"):
+    for command in ("run", "eval", "generate", "info", "bench"):
         assert command in out
     assert build_parser().prog == "slmkit"
 

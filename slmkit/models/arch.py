@@ -50,6 +50,13 @@ class ArchSpec:
     # Dimensions structured width pruning can shrink for this family. Hidden size needs the embedding to
     # carry no size-derived scale (Gemma multiplies by sqrt(hidden_size)); heads need separate q/k/v.
     width_dims: tuple[str, ...] = ("heads", "ffn", "hidden")
+    # What the inference engine (slmkit.engine) needs to run a block outside transformers' forward.
+    rotary: str | None = "model.rotary_emb"  # model-level module returning (cos, sin) for positions
+    position_embed: str | None = None  # learned absolute positions added to the embeddings (GPT-2)
+    embed_scale: bool = False  # embeddings multiplied by sqrt(hidden_size) (Gemma)
+    q_norm: str | None = None  # per-head norms of queries / keys before rotary (Qwen3)
+    k_norm: str | None = None
+    engine_unsupported: str | None = None  # why the engine cannot run this family, if it cannot
 
     def linear_names(self) -> list[str]:
         """Block-relative paths of every linear projection in a block (attention, then MLP)."""
@@ -76,8 +83,10 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
     dataclasses.replace(_LLAMA, family="mistral", model_types=("mistral",)),
     # Qwen2's config derives head_dim from hidden_size / heads, so only FFN width can change.
     dataclasses.replace(_LLAMA, family="qwen2", model_types=("qwen2",), width_dims=("ffn",)),
-    dataclasses.replace(_LLAMA, family="qwen3", model_types=("qwen3",)),
-    dataclasses.replace(_LLAMA, family="gemma", model_types=("gemma",), norm_offset=1.0, width_dims=("heads", "ffn")),
+    dataclasses.replace(_LLAMA, family="qwen3", model_types=("qwen3",), q_norm="self_attn.q_norm",
+                        k_norm="self_attn.k_norm"),
+    dataclasses.replace(_LLAMA, family="gemma", model_types=("gemma",), norm_offset=1.0, width_dims=("heads", "ffn"),
+                        embed_scale=True),
     dataclasses.replace(
         _LLAMA,
         family="gemma2",
@@ -86,6 +95,9 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         mlp_norm="pre_feedforward_layernorm",  # post_attention_layernorm normalizes attn output
         extra_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
         width_dims=("heads", "ffn"),
+        embed_scale=True,
+        engine_unsupported="Gemma-2 blocks normalize after attention and the MLP, soft-cap attention logits and "
+                           "alternate sliding windows",
     ),
     dataclasses.replace(
         _LLAMA,
@@ -119,6 +131,8 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         transposed_weights=True,
         gated_mlp=False,
         width_dims=("ffn",),
+        rotary=None,
+        position_embed="transformer.wpe",
     ),
 )
 

@@ -31,6 +31,20 @@ def test_prefill_attention_matches_sdpa(lengths, heads, kv_heads, dim, dtype, at
     torch.testing.assert_close(out, prefill_attention_ref(q, k, v, cu_seqlens, causal=causal), atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("dtype, atol, rtol", CASES[:2])
+def test_a_chunk_after_a_cached_prefix_equals_the_last_rows_of_full_attention(dtype, atol, rtol):
+    # three sequences with key runs 30, 7, 19 whose last 12, 7 (no prefix), 1 tokens are the queries
+    key_lengths, query_lengths = [30, 7, 19], [12, 7, 1]
+    q_full, k, v, cu_k = _qkv(key_lengths, 4, 2, 64, dtype, seed=3)
+    rows = torch.cat([torch.arange(end - n, end) for end, n in zip(cu_k[1:].tolist(), query_lengths)])
+    cu_q = torch.tensor([0, *torch.tensor(query_lengths).cumsum(0).tolist()], dtype=torch.int32)
+    out = prefill_attention(q_full[rows], k, v, cu_q, cu_seqlens_k=cu_k)
+    full = prefill_attention_ref(q_full, k, v, cu_k)
+    torch.testing.assert_close(out, full[rows], atol=atol, rtol=rtol)
+    torch.testing.assert_close(prefill_attention_ref(q_full[rows], k, v, cu_q, cu_seqlens_k=cu_k), full[rows],
+                               atol=atol, rtol=rtol)
+
+
 def test_packed_sequences_do_not_see_each_other():
     q, k, v, cu_seqlens = _qkv([9, 12], 2, 1, 64, torch.float32)
     packed = prefill_attention(q, k, v, cu_seqlens)

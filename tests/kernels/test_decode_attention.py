@@ -50,6 +50,14 @@ def test_matches_the_last_row_of_prefill_attention():
                                atol=1e-5, rtol=1e-5)
 
 
+def test_an_upper_bound_of_the_lengths_gives_the_same_output():
+    """``max_seqlen`` (what a CUDA graph passes: the table's capacity) changes the launch, not the result."""
+    q, k_cache, v_cache, block_table, lengths = _paged([3, 29, 17], 4, 2, 64, torch.float32, seed=7)
+    capacity = block_table.shape[1] * k_cache.shape[1]
+    torch.testing.assert_close(decode_attention(q, k_cache, v_cache, block_table, lengths, max_seqlen=capacity),
+                               decode_attention_ref(q, k_cache, v_cache, block_table, lengths), atol=1e-5, rtol=1e-5)
+
+
 def test_bad_inputs_fail_clearly():
     q, k_cache, v_cache, block_table, lengths = _paged([20], 4, 2, 64, torch.float32)
     with pytest.raises(ValueError, match="fit the block table"):

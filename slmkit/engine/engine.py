@@ -1,0 +1,447 @@
+"""``slmkit.Engine``: batched and streaming generation over a paged KV cache.
+
+    engine = slmkit.Engine(model)                       # any model load_model returns
+    outs = engine.generate(["Hello", "Bonjour"], SamplingParams(max_tokens=64))
+    for delta in engine.stream("Tell me a story", SamplingParams(temperature=0.8, seed=1)):
+        print(delta.text, end="", flush=True)
+
+The engine owns the cache (sized by a fraction of free device memory or a block count), the
+continuous-batching scheduler and the model runner (CUDA graphs for decode on GPUs; plain PyTorch on
+CPU). Greedy outputs equal transformers' ``generate`` on the same model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import time
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from slmkit.config import BaseConfig, ConfigError
+from slmkit.engine.kv_cache import BlockAllocator, allocate_layer_caches, bytes_per_block
+from slmkit.engine.runner import Batch, ModelRunner
+from slmkit.engine.sampling import SamplingParams, sample_tokens
+from slmkit.engine.scheduler import Scheduler, Sequence
+from slmkit.errors import SlmkitError
+from slmkit.kernels._launch import HAVE_TRITON
+from slmkit.models.arch import attention_shape, blocks, get_spec
+from slmkit.models.record import get_record
+
+DEFAULT_GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+@dataclasses.dataclass
+class EngineConfig(BaseConfig):
+    """Cache, batching and execution settings of an :class:`Engine`.
+
+    Args:
+        block_size: tokens per KV-cache block (a power of 2).
+        num_blocks: cache size in blocks; None sizes it from ``memory_fraction``.
+        memory_fraction: share of the device's free memory (after the weights) the cache may take.
+        max_batch_size: sequences decoding at once at most.
+        max_num_batched_tokens: tokens one step processes at most (prompt chunks + decodes).
+        max_model_len: prompt + output tokens per request at most; None: the model's limit, capped at 8192.
+        prefix_caching: reuse cached blocks of identical prompt prefixes.
+        cuda_graphs: capture the decode step in CUDA graphs (CUDA with Triton only).
+        graph_batch_sizes: batch sizes to capture; None: powers of two and steps up to max_batch_size.
+        use_kernels: the fused Triton kernels; None: on CUDA when Triton is installed.
+        seed: seeds requests that give no seed of their own.
+    """
+
+    name = "engine"
+
+    block_size: int = 16
+    num_blocks: int | None = None
+    memory_fraction: float = 0.5
+    max_batch_size: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    prefix_caching: bool = True
+    cuda_graphs: bool = True
+    graph_batch_sizes: list[int] | None = None
+    use_kernels: bool | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"block_size must be a power of 2, got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks < 2:
+            raise ConfigError(f"num_blocks must be at least 2, got {self.num_blocks}")
+        if not 0.0 < self.memory_fraction <= 1.0:
+            raise ConfigError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
+        if self.max_batch_size < 1 or self.max_num_batched_tokens < 1:
+            raise ConfigError("max_batch_size and max_num_batched_tokens must be at least 1")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ConfigError(f"max_model_len must be at least 2, got {self.max_model_len}")
+
+
+@dataclasses.dataclass
+class StreamDelta:
+    """What one step added to a request: new token ids and the text they complete."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finished: bool
+    finish_reason: str | None = None
+
+
+@dataclasses.dataclass
+class Completion:
+    """A finished request: its tokens, text, why it stopped, and its timings (seconds)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    cached_prompt_tokens: int
+    ttft: float  # arrival → first token
+    token_times: list[float]  # perf_counter time of every token
+
+    @property
+    def inter_token_latencies(self) -> list[float]:
+        """Gaps between consecutive tokens."""
+        return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
+
+
+def _free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+def _max_model_len(config, limit: int | None) -> int:
+    model_limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 8192
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True):  # attention is full within the window
+        model_limit = min(model_limit, window)
+    if limit is not None and limit > model_limit:
+        raise SlmkitError(f"max_model_len {limit} exceeds what the model supports ({model_limit} tokens)")
+    return limit if limit is not None else min(model_limit, 8192)
+
+
+class Engine:
+    """Generation over a paged KV cache with continuous batching (see the module docstring).
+
+    Args:
+        model: a model from ``load_model`` (dense, W8A8, pruned, per-layer widths...). Its tokenizer, if
+            any, turns string prompts into tokens and tokens into text.
+        config: an :class:`EngineConfig`; keyword arguments override its fields.
+
+    Example:
+        >>> engine = slmkit.Engine(slmkit.load_model("smollm2-135m"), max_batch_size=8)
+        >>> engine.generate("The capital of France is", SamplingParams(max_tokens=8))[0].text
+    """
+
+    def __init__(self, model: nn.Module, config: EngineConfig | None = None, **overrides):
+        config = config or EngineConfig()
+        if overrides:
+            fields = {f.name for f in dataclasses.fields(EngineConfig)}
+            unknown = sorted(set(overrides) - fields)
+            if unknown:
+                raise ConfigError(f"engine: unknown option {unknown[0]!r}; allowed: {', '.join(sorted(fields))}")
+            config = dataclasses.replace(config, **overrides)
+        self.config, self.model = config, model.eval()
+        spec = get_spec(model)
+        if spec.engine_unsupported:
+            raise SlmkitError(f"the engine cannot run {spec.family} models: {spec.engine_unsupported}; "
+                              "use slmkit.generate (transformers' generate) instead")
+        self.tokenizer = get_record(model).tokenizer
+        embed = model.get_input_embeddings().weight
+        self.device, self.dtype = embed.device, embed.dtype
+        self.max_model_len = _max_model_len(model.config, config.max_model_len)
+        shapes = [attention_shape(model.config, i) for i in range(len(blocks(model)))]
+        kv_heads, head_dim = [s.num_kv_heads for s in shapes], shapes[0].head_dim
+        self.max_blocks_per_seq = -(-self.max_model_len // config.block_size)
+        per_block = bytes_per_block(kv_heads, head_dim, config.block_size, self.dtype)
+        if config.num_blocks is not None:
+            num_blocks = config.num_blocks
+        else:  # a fraction of free memory, no more than the largest batch could ever hold
+            num_blocks = int(_free_memory(self.device) * config.memory_fraction) // per_block
+            num_blocks = min(num_blocks, config.max_batch_size * self.max_blocks_per_seq + 1)
+            if num_blocks < 2:
+                raise SlmkitError(f"{config.memory_fraction:.0%} of free memory holds no KV-cache block "
+                                  f"({per_block} bytes each); raise memory_fraction or free memory")
+        self.num_blocks = num_blocks
+        self.cache_bytes = num_blocks * per_block
+        self.caches = allocate_layer_caches(kv_heads, head_dim, num_blocks, config.block_size, self.dtype, self.device)
+        self.allocator = BlockAllocator(num_blocks, config.prefix_caching)
+        self.scheduler = Scheduler(self.allocator, config.block_size, config.max_batch_size,
+                                   config.max_num_batched_tokens)
+        on_cuda = self.device.type == "cuda"
+        use_kernels = config.use_kernels if config.use_kernels is not None else (on_cuda and HAVE_TRITON)
+        if use_kernels and not HAVE_TRITON:
+            raise SlmkitError("use_kernels=True needs triton installed")
+        self.use_kernels = use_kernels
+        self.runner = ModelRunner(model, self.caches, config.block_size, self.max_blocks_per_seq, use_kernels)
+        self.eos_ids = _eos_ids(model, self.tokenizer)
+        self._sequences: dict[str, Sequence] = {}
+        self._ids = itertools.count()
+        self._seeds = torch.Generator().manual_seed(config.seed)
+        self.graph_batch_sizes: list[int] = []
+        if config.cuda_graphs and on_cuda and use_kernels:
+            if config.graph_batch_sizes:
+                sizes = sorted({s for s in config.graph_batch_sizes if 1 <= s <= config.max_batch_size})
+            else:
+                sizes = sorted({s for s in DEFAULT_GRAPH_BATCH_SIZES if s < config.max_batch_size}
+                               | {config.max_batch_size})
+            with torch.inference_mode():
+                self.runner.capture(sizes)
+            self.graph_batch_sizes = sizes
+
+    # ---- requests -------------------------------------------------------------------------------------------
+
+    def encode(self, prompt: str | list[int], chat: bool = False) -> list[int]:
+        """Token ids of a prompt (a string through the tokenizer, optionally its chat template, or ids)."""
+        if not isinstance(prompt, str):
+            ids = [int(t) for t in prompt]
+        else:
+            if self.tokenizer is None:
+                raise SlmkitError("this model has no tokenizer: pass prompts as lists of token ids")
+            if chat and getattr(self.tokenizer, "chat_template", None):
+                prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                            add_generation_prompt=True)
+                ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            else:
+                ids = self.tokenizer(prompt)["input_ids"]
+        vocab = self.model.config.vocab_size
+        if not ids:
+            raise SlmkitError("the prompt is empty: give at least one token")
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise SlmkitError(f"prompt token ids must be in [0, {vocab}), got {min(ids)}..{max(ids)}")
+        return ids
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, chat: bool = False) -> str:
+        """Queue a request; returns its id. Fails clearly when it cannot fit the model or the cache."""
+        params = params or SamplingParams()
+        ids = self.encode(prompt, chat)
+        total = len(ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise SlmkitError(f"the request needs {len(ids)} prompt + {params.max_tokens} new tokens = {total}, "
+                              f"more than max_model_len {self.max_model_len}")
+        blocks_needed = -(-total // self.config.block_size)
+        if blocks_needed > self.allocator.usable:
+            raise SlmkitError(f"the request needs {blocks_needed} KV-cache blocks but the cache holds "
+                              f"{self.allocator.usable} ({self.allocator.usable * self.config.block_size} tokens); "
+                              "raise num_blocks or memory_fraction, or shorten the request")
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self._sequences:
+            raise SlmkitError(f"request id {request_id!r} is already in use")
+        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (), generator=self._seeds))
+        generator = None
+        if not params.greedy:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        sequence = Sequence(request_id, ids, params, generator)
+        self._sequences[request_id] = sequence
+        self.scheduler.add(sequence)
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """Drop a queued or running request and free its cache blocks."""
+        sequence = self._sequences.pop(request_id, None)
+        if sequence is not None:
+            self.scheduler.finish(sequence)
+
+    def has_unfinished(self) -> bool:
+        """Whether any request is queued or running."""
+        return self.scheduler.has_work()
+
+    # ---- one step -------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[StreamDelta]:
+        """Run one scheduling step; returns what each request that produced a token added."""
+        schedule = self.scheduler.schedule()
+        ready: list[Sequence] = []  # sequences whose next token this step samples
+        logits = []
+        if schedule.decode:
+            logits.append(self.runner.decode(self._decode_batch(schedule.decode)))
+            for sequence in schedule.decode:
+                sequence.num_computed += 1
+            ready += schedule.decode
+        if schedule.prefill:
+            prefill_logits = self.runner.forward(self._prefill_batch(schedule.prefill))
+            complete = []
+            for row, (sequence, chunk) in enumerate(schedule.prefill):
+                sequence.num_computed += chunk
+                if sequence.pending == 0:
+                    complete.append(row)
+                    ready.append(sequence)
+            if complete:
+                logits.append(prefill_logits[torch.tensor(complete, device=prefill_logits.device)])
+        for sequence, _ in schedule.prefill:
+            self.scheduler.register_full_blocks(sequence)
+        for sequence in schedule.decode:
+            self.scheduler.register_full_blocks(sequence)
+        if not ready:
+            return []
+        tokens = self._sample(torch.cat(logits), ready).tolist()
+        now = time.perf_counter()
+        deltas = []
+        for sequence, token in zip(ready, tokens):
+            deltas.append(self._append(sequence, token, now))
+        return deltas
+
+    def _decode_batch(self, sequences: list[Sequence]) -> Batch:
+        bs = self.config.block_size
+        positions = [s.num_tokens - 1 for s in sequences]
+        width = max(len(s.blocks) for s in sequences)
+        table = [s.blocks + [0] * (width - len(s.blocks)) for s in sequences]
+        device = self.device
+        return Batch(
+            input_ids=torch.tensor([s.output_ids[-1] if s.output_ids else s.prompt_ids[-1] for s in sequences],
+                                   device=device),
+            positions=torch.tensor(positions, device=device),
+            slots=torch.tensor([s.blocks[p // bs] * bs + p % bs for s, p in zip(sequences, positions)], device=device),
+            decode=True,
+            block_table=torch.tensor(table, dtype=torch.int32, device=device),
+            seq_lens=torch.tensor([p + 1 for p in positions], dtype=torch.int32, device=device),
+        )
+
+    def _prefill_batch(self, chunks: list[tuple[Sequence, int]]) -> Batch:
+        bs = self.config.block_size
+        ids, positions, slots, gather, cu_q, cu_k = [], [], [], [], [0], [0]
+        any_prefix = any(s.num_computed for s, _ in chunks)
+        for sequence, chunk in chunks:
+            start, end = sequence.num_computed, sequence.num_computed + chunk
+            ids += sequence.tokens[start:end]
+            span = range(start, end)
+            positions += span
+            slots += [sequence.blocks[p // bs] * bs + p % bs for p in span]
+            if any_prefix:
+                gather += [sequence.blocks[p // bs] * bs + p % bs for p in range(end)]
+            cu_q.append(cu_q[-1] + chunk)
+            cu_k.append(cu_k[-1] + end)
+        device = self.device
+        return Batch(
+            input_ids=torch.tensor(ids, device=device),
+            positions=torch.tensor(positions, device=device),
+            slots=torch.tensor(slots, device=device),
+            decode=False,
+            cu_q=torch.tensor(cu_q, dtype=torch.int32, device=device),
+            cu_k=torch.tensor(cu_k, dtype=torch.int32, device=device),
+            max_q=max(chunk for _, chunk in chunks),
+            gather=torch.tensor(gather, device=device) if any_prefix else None,
+            logits_rows=torch.tensor(cu_q[1:], device=device) - 1,
+        )
+
+    def _sample(self, logits: torch.Tensor, sequences: list[Sequence]) -> torch.Tensor:
+        params = [s.params for s in sequences]
+        seen = None
+        if any(p.repetition_penalty != 1.0 for p in params):
+            seen = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+            for row, sequence in enumerate(sequences):
+                seen[row, torch.tensor(sequence.tokens, device=logits.device)] = True
+        return sample_tokens(logits, params, [s.generator for s in sequences], seen)
+
+    def _append(self, sequence: Sequence, token: int, now: float) -> StreamDelta:
+        params = sequence.params
+        sequence.output_ids.append(token)
+        sequence.token_times.append(now)
+        if sequence.first_token_time is None:
+            sequence.first_token_time = now
+        if (token in params.stop_token_ids) or (token in self.eos_ids and not params.ignore_eos):
+            sequence.finish_reason = "stop"
+        elif len(sequence.output_ids) >= params.max_tokens:
+            sequence.finish_reason = "length"
+        text = sequence.text
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(sequence.output_ids, skip_special_tokens=True)
+            if params.stop:
+                cut = _find_stop(text, params.stop, max(0, len(sequence.text) - max(map(len, params.stop))))
+                if cut is not None:
+                    text, sequence.finish_reason = text[:cut], "stop"
+            if not sequence.finished and text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more
+                text = sequence.text
+            sequence.text = text
+        if sequence.finished:
+            self.scheduler.finish(sequence)
+            self._sequences.pop(sequence.request_id, None)
+        # stream everything except a tail that might still grow into a stop string
+        hold = 0 if sequence.finished or not params.stop else max(map(len, params.stop)) - 1
+        visible = max(sequence.emitted, len(text) - hold)
+        delta_text = text[sequence.emitted:visible]
+        sequence.emitted = visible
+        new_tokens = sequence.output_ids[sequence.emitted_tokens:]
+        sequence.emitted_tokens = len(sequence.output_ids)
+        return StreamDelta(sequence.request_id, new_tokens, delta_text, sequence.finished, sequence.finish_reason)
+
+    # ---- batch and streaming APIs ---------------------------------------------------------------------------
+
+    def generate(self, prompts: str | list[int] | list, params: SamplingParams | list[SamplingParams] | None = None,
+                 chat: bool = False, progress: bool = True) -> list[Completion]:
+        """Run prompts to completion, batched; returns one :class:`Completion` per prompt, in order.
+
+        ``prompts``: a string, a list of token ids, or a list of either. ``params``: one for all or one each.
+        """
+        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
+        prompts = [prompts] if single else list(prompts)
+        if isinstance(params, list):
+            if len(params) != len(prompts):
+                raise SlmkitError(f"{len(params)} sampling params for {len(prompts)} prompts")
+            all_params = params
+        else:
+            all_params = [params or SamplingParams()] * len(prompts)
+        ids = [self.add_request(p, sp, chat=chat) for p, sp in zip(prompts, all_params)]
+        sequences = {i: self._sequences[i] for i in ids}
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(ids), desc="generate", unit="req", disable=not progress) as bar:
+            while any(not sequences[i].finished for i in ids):
+                for delta in self.step():
+                    if delta.finished and delta.request_id in sequences:
+                        bar.update(1)
+        return [_completion(sequences[i]) for i in ids]
+
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None,
+               chat: bool = False) -> Iterator[StreamDelta]:
+        """Yield a request's :class:`StreamDelta` as tokens arrive (other queued requests progress too)."""
+        request_id = self.add_request(prompt, params, chat=chat)
+        try:
+            while True:
+                for delta in self.step():
+                    if delta.request_id == request_id:
+                        yield delta
+                        if delta.finished:
+                            return
+        finally:
+            self.abort(request_id)  # a consumer that stops early frees the request's blocks
+
+    def stats(self) -> dict:
+        """Cache and scheduler figures: blocks, bytes, prefix-cache hits, preemptions, CUDA graphs."""
+        return {"num_blocks": self.num_blocks, "block_size": self.config.block_size, "cache_bytes": self.cache_bytes,
+                "free_blocks": self.allocator.available, "prefix_cache_hit_blocks": self.allocator.hits,
+                "prefix_cache_query_blocks": self.allocator.queries, "preemptions": self.scheduler.preemptions,
+                "cuda_graph_batch_sizes": self.graph_batch_sizes, "use_kernels": self.use_kernels,
+                "max_model_len": self.max_model_len}
+
+
+def _find_stop(text: str, stops: list[str], start: int) -> int | None:
+    found = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+def _completion(sequence: Sequence) -> Completion:
+    return Completion(sequence.request_id, sequence.prompt_ids, sequence.output_ids, sequence.text,
+                      sequence.finish_reason, sequence.cached_tokens,
+                      (sequence.first_token_time or sequence.arrival_time) - sequence.arrival_time, sequence.token_times)
+
+
+def _eos_ids(model: nn.Module, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if value is not None:
+            ids |= set(value) if isinstance(value, (list, tuple)) else {value}
+    if not ids and tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids

@@ -1,0 +1,171 @@
+"""The engine against transformers' generate: same greedy tokens on every supported family and on
+compressed models; chunked prefill, prefix caching and preemption change nothing but the speed."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import slmkit
+from slmkit.engine import Engine, EngineConfig, SamplingParams
+from slmkit.errors import SlmkitError
+from slmkit.models.arch import blocks
+from slmkit.prune import WidthPruneConfig, prune
+from tests.conftest import random_tokens, tiny_model
+
+ENGINE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2")
+SMALL = EngineConfig(num_blocks=96, block_size=8, max_num_batched_tokens=48, max_batch_size=8)
+
+
+def peaked(family: str, seed: int = 0):
+    """A tiny model with larger weights, so greedy choices are not near-ties of random logits."""
+    model = tiny_model(family, seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(3.0)
+    return model
+
+
+def prompts(*lengths: int) -> list[list[int]]:
+    return [random_tokens(1, n, seed=n)[0].tolist() for n in lengths]
+
+
+def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    output = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+                            pad_token_id=0, temperature=None, top_p=None, top_k=None)
+    return output[0, len(prompt):].tolist()
+
+
+def assert_same_as_hf(model, engine, batch, max_tokens=64, **params):
+    outs = engine.generate(batch, SamplingParams(max_tokens=max_tokens, **params), progress=False)
+    for prompt, out in zip(batch, outs):
+        assert out.token_ids == hf_greedy(model, prompt, max_tokens), f"prompt of {len(prompt)} tokens differs"
+    return outs
+
+
+@pytest.mark.parametrize("family", ENGINE_FAMILIES)
+def test_greedy_equals_hf_generate_for_64_tokens(family):
+    model = peaked(family)
+    engine = Engine(model, SMALL)
+    outs = assert_same_as_hf(model, engine, prompts(5, 23, 40))
+    assert sum(len(o.token_ids) for o in outs) > 100  # not all stopped at once on an EOS
+    assert engine.allocator.available == engine.allocator.usable  # every block released
+
+
+def test_per_layer_widths_and_pruned_model():
+    model = peaked("llama")
+    prune(model, WidthPruneConfig(ffn=0.3, heads=0.5, per_layer=True, head_unit="group"),
+          calib=random_tokens(4, 32, seed=7))
+    assert type(model).__name__ == "SlmForCausalLM"
+    engine = Engine(model, SMALL)
+    assert [c.keys.shape[2] for c in engine.caches] == model.config.layer_num_kv_heads
+    assert_same_as_hf(model, engine, prompts(7, 30))
+
+
+def test_w8a8_model_runs_its_int8_linears():
+    model = peaked("llama")
+    slmkit.quantize(model, slmkit.SmoothQuantConfig(), calib=random_tokens(4, 32, seed=7))
+    assert type(blocks(model)[0].self_attn.q_proj).__name__ == "W8A8Linear"
+    assert_same_as_hf(model, Engine(model, SMALL), prompts(9, 33))
+
+
+def test_fused_kernels_on_the_interpreter_match_the_pytorch_path():
+    model = peaked("llama")
+    batch = prompts(6, 19)
+    plain = Engine(model, SMALL, use_kernels=False).generate(batch, SamplingParams(max_tokens=12), progress=False)
+    fused_engine = Engine(model, SMALL, use_kernels=True, max_num_batched_tokens=8)  # chunks after cached keys
+    fused = fused_engine.generate(batch, SamplingParams(max_tokens=12), progress=False)
+    assert [o.token_ids for o in fused] == [o.token_ids for o in plain]
+
+
+def test_chunked_prefill_and_small_batches_change_nothing():
+    model = peaked("qwen2")
+    engine = Engine(model, dataclasses.replace(SMALL, max_num_batched_tokens=5, max_batch_size=2))
+    assert_same_as_hf(model, engine, prompts(3, 17, 29, 11), max_tokens=20)
+
+
+def test_prefix_cache_reuses_a_shared_system_prompt():
+    model = peaked("llama")
+    system = random_tokens(1, 40, seed=99)[0].tolist()
+    batch = [system + p for p in prompts(3, 6)]
+    engine = Engine(model, SMALL)
+    first = assert_same_as_hf(model, engine, batch[:1], max_tokens=16)
+    assert first[0].cached_prompt_tokens == 0
+    second = assert_same_as_hf(model, engine, batch[1:], max_tokens=16)
+    assert second[0].cached_prompt_tokens == 40  # 5 full blocks of 8 tokens came from the cache
+    repeat = assert_same_as_hf(model, engine, batch[:1], max_tokens=16)
+    assert repeat[0].cached_prompt_tokens == 40  # the whole prompt but its last (partial) block
+    off = Engine(model, SMALL, prefix_caching=False).generate(batch, SamplingParams(max_tokens=16), progress=False)
+    assert [o.cached_prompt_tokens for o in off] == [0, 0]
+
+
+def test_preemption_when_the_cache_runs_out_keeps_outputs_exact():
+    model = peaked("mistral")
+    batch = prompts(10, 12, 14, 9, 15, 11)
+    engine = Engine(model, dataclasses.replace(SMALL, num_blocks=12, prefix_caching=False))  # 88 token slots
+    assert_same_as_hf(model, engine, batch, max_tokens=30)
+    assert engine.scheduler.preemptions > 0
+    assert engine.allocator.available == engine.allocator.usable
+
+
+def test_requests_that_cannot_fit_are_refused_clearly():
+    model = peaked("llama")
+    engine = Engine(model, dataclasses.replace(SMALL, num_blocks=5))  # 4 usable blocks = 32 tokens
+    with pytest.raises(SlmkitError, match="KV-cache blocks"):
+        engine.add_request(prompts(20)[0], SamplingParams(max_tokens=20))
+    with pytest.raises(SlmkitError, match="max_model_len"):
+        Engine(model, SMALL).add_request(prompts(200)[0], SamplingParams(max_tokens=100))  # 256 positions
+    with pytest.raises(SlmkitError, match="token ids must be in"):
+        engine.add_request([5, 300])
+    with pytest.raises(SlmkitError, match="gemma2"):
+        Engine(tiny_model("gemma2"), SMALL)
+    assert not engine.has_unfinished()
+
+
+def test_memory_fraction_sizes_the_cache():
+    model = peaked("llama")
+    engine = Engine(model, EngineConfig(block_size=8, max_batch_size=2, memory_fraction=0.5))
+    assert engine.num_blocks == 2 * engine.max_blocks_per_seq + 1  # capped at what two full requests need
+    assert engine.cache_bytes == engine.num_blocks * 2 * 2 * 8 * 2 * 16 * 4  # 2 layers, k+v, 8 tok, 2 heads, D 16
+
+
+def test_repetition_penalty_matches_hf():
+    model = peaked("llama")
+    batch = prompts(12)
+    out = Engine(model, SMALL).generate(batch, SamplingParams(max_tokens=24, repetition_penalty=1.5),
+                                        progress=False)[0]
+    expected = model.generate(torch.tensor(batch), max_new_tokens=24, do_sample=False, repetition_penalty=1.5,
+                              pad_token_id=0)[0, 12:].tolist()
+    assert out.token_ids == expected
+
+
+def test_sampling_is_reproducible_per_request_whatever_the_batch():
+    model = tiny_model("llama")
+    params = SamplingParams(max_tokens=20, temperature=0.9, top_k=50, top_p=0.9, seed=123, ignore_eos=True)
+    alone = Engine(model, SMALL).generate(prompts(8), params, progress=False)[0].token_ids
+    crowd = Engine(model, SMALL).generate(prompts(30, 8, 5), [dataclasses.replace(params, seed=s) for s in (1, 123, 2)],
+                                          progress=False)
+    assert crowd[1].token_ids == alone
+    other = Engine(model, SMALL).generate(prompts(8), dataclasses.replace(params, seed=124), progress=False)[0]
+    assert other.token_ids != alone
+    greedy = Engine(model, SMALL).generate(prompts(8), SamplingParams(max_tokens=20, ignore_eos=True),
+                                           progress=False)[0]
+    top1 = Engine(model, SMALL).generate(prompts(8), dataclasses.replace(params, top_k=1), progress=False)[0]
+    assert top1.token_ids == greedy.token_ids
+
+
+def test_abort_and_early_stream_exit_free_blocks():
+    model = peaked("llama")
+    engine = Engine(model, SMALL)
+    stream = engine.stream(prompts(20)[0], SamplingParams(max_tokens=40, ignore_eos=True))
+    next(stream)
+    stream.close()
+    request = engine.add_request(prompts(9)[0])
+    engine.step()
+    engine.abort(request)
+    assert not engine.has_unfinished() and engine.allocator.available == engine.allocator.usable
+
+
+def test_unknown_engine_option_fails_naming_it():
+    with pytest.raises(SlmkitError, match="unknown option 'max_batch'"):
+        Engine(peaked("llama"), SMALL, max_batch=4)
