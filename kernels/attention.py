@@ -109,14 +109,15 @@ def prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_
         if end == start:
             continue
         qs = q[start:end].transpose(0, 1).float()  # (Hq, Tq, D)
-        ks = k[start_k:end_k].transpose(0, 1).float().repeat_interleave(group, dim=0)  # (Hq, Tk, D)
-        vs = v[start_k:end_k].transpose(0, 1).float().repeat_interleave(group, dim=0)
+        ks = k[start_k:end_k].transpose(0, 1).float()  # (Hkv, Tk, D)
+        vs = v[start_k:end_k].transpose(0, 1).float()
+        shift = (end_k - start_k) - (end - start)
         mask = None
-        if causal:  # aligned at the end: query i sees keys <= i + Tk - Tq
-            shift = (end_k - start_k) - (end - start)
+        if causal and shift:  # aligned at the end: query i sees keys <= i + Tk - Tq
             mask = torch.ones(end - start, end_k - start_k, dtype=torch.bool, device=q.device).tril(shift)
-        o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)
-        out[start:end] = o.transpose(0, 1).to(q.dtype)
+        o = torch.nn.functional.scaled_dot_product_attention(qs[None], ks[None], vs[None], attn_mask=mask, scale=scale,
+                                                             is_causal=causal and not shift, enable_gqa=group > 1)
+        out[start:end] = o[0].transpose(0, 1).to(q.dtype)  # 4-D inputs: SDPA's fused CPU kernel, not the math path
     return out
 
 
