@@ -67,6 +67,16 @@ def cmd_generate(args) -> int:
     from slmkit import generate, load_model
 
     model = load_model(args.model, dtype=args.dtype, device=args.device)
+    if args.stream:  # the KV-cache engine, printing tokens as they come
+        from slmkit.engine import Engine, SamplingParams
+
+        params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                                top_k=args.top_k, seed=args.seed)
+        engine = Engine(model, max_batch_size=1)
+        for delta in engine.stream(args.prompt, params, chat=not args.no_chat_template):
+            print(delta.text, end="", flush=True)
+        print()
+        return 0
     text = generate(model, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                     top_p=args.top_p, top_k=args.top_k, seed=args.seed, chat=not args.no_chat_template)
     print(text)
@@ -174,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Generate a continuation of a prompt (greedy by default; sampled with "
                          "--temperature > 0). Uses the tokenizer's chat template when it has one.",
                          epilog="examples:\n  slmkit generate smollm2-135m --prompt 'What is the capital of France?'\n"
-                         "  slmkit generate out/smollm2-w8a8 --prompt 'Tell me a story.' --temperature 0.8 --top-p 0.9 --seed 1")
+                         "  slmkit generate out/smollm2-w8a8 --prompt 'Tell me a story.' --temperature 0.8 --top-p 0.9 --seed 1\n"
+                         "  slmkit generate smollm2-135m --prompt 'Write a haiku.' --stream --device cuda")
     gen.add_argument("model", help="model source")
     gen.add_argument("--prompt", "-p", required=True, help="the prompt text")
     gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
@@ -183,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0, help="top-k sampling, 0 = off (sampling only)")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed")
     gen.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
+    gen.add_argument("--stream", action="store_true",
+                     help="generate with the KV-cache engine (slmkit.Engine) and print tokens as they come")
     gen.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     gen.add_argument("--device", default="cpu", help="cpu or cuda")
     gen.set_defaults(handler=cmd_generate)

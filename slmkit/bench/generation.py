@@ -117,10 +117,11 @@ class _TimingStreamer:
         self.times: list[float] = []
 
     def put(self, value):
+        """Called by generate with each step's tokens."""
         self.times.append(time.perf_counter())
 
     def end(self):
-        pass
+        """Called by generate when it is done."""
 
 
 def bench_hf(model, prompts: list[list[int]], output_len: int, mode: str) -> dict[str, Any]:
@@ -181,6 +182,7 @@ class Shape:
 
     @classmethod
     def parse(cls, text: str) -> "Shape":
+        """``"128/64"`` → Shape(128, 64), with a one-line error for anything else."""
         try:
             prompt, output = (int(v) for v in text.split("/"))
         except ValueError:
@@ -225,7 +227,9 @@ def run(model, shapes: list[Shape], batches: list[int], baselines: list[str], en
             row[f"speedup_vs_{result['system']}"] = result["tpot_ms"] / ours["tpot_ms"]
         rows.append(row)
     parameters = sum(p.numel() for p in model.parameters())
-    return {**env, "model": getattr(model.config, "_name_or_path", "") or model.config.model_type,
+    from slmkit.models.record import get_record
+
+    return {**env, "model": get_record(model).source or model.config.model_type,
             "parameters": parameters, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
             "datasheet_gb_s": limit, "copy_gb_s": copy_bw, "engine": engine.stats(), "rows": rows}
 

@@ -115,6 +115,7 @@ class _Layer:
         self.down = get_module(block, spec.down)
 
     def project_qkv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (N, Hq, D), k and v (N, Hkv, D) of normed hidden states h (N, hidden); fused qkv split by rows."""
         n = h.shape[0]
         if self.qkv is not None:
             q_rows, kv_rows = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim

@@ -55,6 +55,7 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
+        """Prompt plus output length."""
         return len(self.prompt_ids) + len(self.output_ids)
 
     @property
@@ -64,6 +65,7 @@ class Sequence:
 
     @property
     def finished(self) -> bool:
+        """Whether the sequence has stopped (its finish_reason is set)."""
         return self.finish_reason is not None
 
 
@@ -97,6 +99,7 @@ class Scheduler:
         self.waiting.append(sequence)
 
     def has_work(self) -> bool:
+        """Whether any sequence is queued or running."""
         return bool(self.waiting or self.running)
 
     # ---- blocks ---------------------------------------------------------------------------------------------

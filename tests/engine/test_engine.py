@@ -169,3 +169,13 @@ def test_abort_and_early_stream_exit_free_blocks():
 def test_unknown_engine_option_fails_naming_it():
     with pytest.raises(SlmkitError, match="unknown option 'max_batch'"):
         Engine(peaked("llama"), SMALL, max_batch=4)
+
+
+def test_cli_generate_stream_prints_what_the_hf_path_prints(smollm2_path, capsys):
+    from slmkit.cli import main
+
+    argv = ["generate", "smollm2-135m", "--prompt", "What is the capital of France?", "--max-new-tokens", "12"]
+    assert main(argv) == 0
+    plain = capsys.readouterr().out
+    assert main([*argv, "--stream"]) == 0
+    assert capsys.readouterr().out == plain and "Paris" in plain
