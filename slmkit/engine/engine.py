@@ -41,7 +41,8 @@ class EngineConfig(BaseConfig):
     Args:
         block_size: tokens per KV-cache block (a power of 2).
         num_blocks: cache size in blocks; None sizes it from ``memory_fraction``.
-        memory_fraction: share of the device's free memory (after the weights) the cache may take.
+        memory_fraction: share of the device's free memory (after the weights) the cache may take; None:
+            0.5 on CUDA, 0.1 of available RAM on CPU.
         max_batch_size: sequences decoding at once at most.
         max_num_batched_tokens: tokens one step processes at most (prompt chunks + decodes).
         max_model_len: prompt + output tokens per request at most; None: the model's limit, capped at 8192.
@@ -56,7 +57,7 @@ class EngineConfig(BaseConfig):
 
     block_size: int = 16
     num_blocks: int | None = None
-    memory_fraction: float = 0.5
+    memory_fraction: float | None = None
     max_batch_size: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
@@ -71,7 +72,7 @@ class EngineConfig(BaseConfig):
             raise ConfigError(f"block_size must be a power of 2, got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks < 2:
             raise ConfigError(f"num_blocks must be at least 2, got {self.num_blocks}")
-        if not 0.0 < self.memory_fraction <= 1.0:
+        if self.memory_fraction is not None and not 0.0 < self.memory_fraction <= 1.0:
             raise ConfigError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
         if self.max_batch_size < 1 or self.max_num_batched_tokens < 1:
             raise ConfigError("max_batch_size and max_num_batched_tokens must be at least 1")
@@ -165,10 +166,11 @@ class Engine:
         if config.num_blocks is not None:
             num_blocks = config.num_blocks
         else:  # a fraction of free memory, no more than the largest batch could ever hold
-            num_blocks = int(_free_memory(self.device) * config.memory_fraction) // per_block
+            fraction = config.memory_fraction or (0.5 if self.device.type == "cuda" else 0.1)
+            num_blocks = int(_free_memory(self.device) * fraction) // per_block
             num_blocks = min(num_blocks, config.max_batch_size * self.max_blocks_per_seq + 1)
             if num_blocks < 2:
-                raise SlmkitError(f"{config.memory_fraction:.0%} of free memory holds no KV-cache block "
+                raise SlmkitError(f"{fraction:.0%} of free memory holds no KV-cache block "
                                   f"({per_block} bytes each); raise memory_fraction or free memory")
         self.num_blocks = num_blocks
         self.cache_bytes = num_blocks * per_block
