@@ -195,8 +195,9 @@ class Engine:
             else:
                 sizes = sorted({s for s in DEFAULT_GRAPH_BATCH_SIZES if s < config.max_batch_size}
                                | {config.max_batch_size})
-            with torch.inference_mode():
-                self.runner.capture(sizes)
+            if sizes:
+                with torch.inference_mode():
+                    self.runner.capture(sizes)
             self.graph_batch_sizes = sizes
 
     # ---- requests -------------------------------------------------------------------------------------------
