@@ -97,18 +97,20 @@ def _check(q, k_cache, v_cache, block_table, seq_lens, read_lengths=True):
 
 def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                          seq_lens: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """PyTorch reference of :func:`decode_attention`: gather each context, float32 softmax attention."""
+    """PyTorch reference of :func:`decode_attention`, the whole batch at once: gather every row's blocks,
+    mask the positions past its length, one float32 SDPA call (GQA without repeating keys/values).
+
+    Also the engine's CPU decode path. Every block the table names must hold finite numbers (masked
+    positions still enter the weighted sum, with weight 0)."""
     _check(q, k_cache, v_cache, block_table, seq_lens)
-    block_size, group = k_cache.shape[1], q.shape[1] // k_cache.shape[2]
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    out = torch.empty_like(q)
-    for b, length in enumerate(seq_lens.tolist()):
-        blocks = block_table[b, : -(-length // block_size)].long()
-        keys = k_cache[blocks].flatten(0, 1)[:length].float().repeat_interleave(group, dim=1)  # (T, Hq, D)
-        values = v_cache[blocks].flatten(0, 1)[:length].float().repeat_interleave(group, dim=1)
-        weights = torch.einsum("hd,thd->ht", q[b].float(), keys).mul(scale).softmax(dim=-1)  # (Hq, T)
-        out[b] = torch.einsum("ht,thd->hd", weights, values).to(q.dtype)
-    return out
+    table = block_table.long()
+    keys = k_cache[table].flatten(1, 2).transpose(1, 2).float()  # (B, Hkv, T, D), T = table width × block size
+    values = v_cache[table].flatten(1, 2).transpose(1, 2).float()
+    mask = torch.arange(keys.shape[2], device=q.device)[None, :] < seq_lens[:, None].long()  # (B, T)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, None, :].float(), keys, values, attn_mask=mask[:, None, None, :], scale=scale,
+        enable_gqa=q.shape[1] != keys.shape[1])
+    return out[:, :, 0, :].to(q.dtype)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,

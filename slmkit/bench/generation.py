@@ -22,6 +22,7 @@ import torch
 
 from slmkit.bench.results import environment, markdown_header, markdown_table, result_files, write_results
 from slmkit.errors import SlmkitError
+from slmkit.eval.report import peak_memory_bytes, weight_bytes
 
 # Datasheet memory bandwidth (GB/s) by device-name fragment, most specific first.
 DATASHEET_GB_S = (("H200", 4800.0), ("H100 PCIe", 2000.0), ("H100", 3350.0), ("A100-SXM4-80GB", 2039.0),
@@ -68,7 +69,8 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def _peak_memory(device: torch.device) -> int | None:
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    # on CPU the process-wide RSS peak says nothing about one case: leave it out
+    return peak_memory_bytes(device) if device.type == "cuda" else None
 
 
 def _reset_peak(device: torch.device) -> None:
@@ -160,11 +162,7 @@ def decode_bytes_per_step(model, batch: int, context: int) -> int:
     from slmkit.engine.kv_cache import bytes_per_block
     from slmkit.models.arch import attention_shape, blocks
 
-    seen, weights = set(), 0
-    for tensor in model.state_dict().values():  # parameters and quantized weights (buffers), not rotary tables
-        if tensor.data_ptr() not in seen:
-            seen.add(tensor.data_ptr())
-            weights += tensor.numel() * tensor.element_size()
+    weights = weight_bytes(model)  # parameters and quantized weights (buffers), tied ones once
     embed = model.get_input_embeddings().weight
     if model.get_output_embeddings() is None or model.get_output_embeddings().weight.data_ptr() != embed.data_ptr():
         weights -= embed.numel() * embed.element_size()  # an untied embedding table: one row per token, not read

@@ -281,9 +281,7 @@ class Engine:
                     ready.append(sequence)
             if complete:
                 logits.append(prefill_logits[torch.tensor(complete, device=prefill_logits.device)])
-        for sequence, _ in schedule.prefill:
-            self.scheduler.register_full_blocks(sequence)
-        for sequence in schedule.decode:
+        for sequence in [*schedule.decode, *(s for s, _ in schedule.prefill)]:
             self.scheduler.register_full_blocks(sequence)
         if not ready:
             return []
@@ -294,8 +292,12 @@ class Engine:
             deltas.append(self._append(sequence, token, now))
         return deltas
 
-    def _decode_batch(self, sequences: list[Sequence]) -> Batch:
+    def _slots(self, sequence: Sequence, positions) -> list[int]:
+        """Flat cache slots (block · block_size + offset) of a sequence's token positions."""
         bs = self.config.block_size
+        return [sequence.blocks[p // bs] * bs + p % bs for p in positions]
+
+    def _decode_batch(self, sequences: list[Sequence]) -> Batch:
         positions = [s.num_tokens - 1 for s in sequences]
         width = max(len(s.blocks) for s in sequences)
         table = [s.blocks + [0] * (width - len(s.blocks)) for s in sequences]
@@ -304,14 +306,13 @@ class Engine:
             input_ids=torch.tensor([s.output_ids[-1] if s.output_ids else s.prompt_ids[-1] for s in sequences],
                                    device=device),
             positions=torch.tensor(positions, device=device),
-            slots=torch.tensor([s.blocks[p // bs] * bs + p % bs for s, p in zip(sequences, positions)], device=device),
+            slots=torch.tensor([self._slots(s, [p])[0] for s, p in zip(sequences, positions)], device=device),
             decode=True,
             block_table=torch.tensor(table, dtype=torch.int32, device=device),
             seq_lens=torch.tensor([p + 1 for p in positions], dtype=torch.int32, device=device),
         )
 
     def _prefill_batch(self, chunks: list[tuple[Sequence, int]]) -> Batch:
-        bs = self.config.block_size
         ids, positions, slots, gather, cu_q, cu_k = [], [], [], [], [0], [0]
         any_prefix = any(s.num_computed for s, _ in chunks)
         for sequence, chunk in chunks:
@@ -319,9 +320,9 @@ class Engine:
             ids += sequence.tokens[start:end]
             span = range(start, end)
             positions += span
-            slots += [sequence.blocks[p // bs] * bs + p % bs for p in span]
+            slots += self._slots(sequence, span)
             if any_prefix:
-                gather += [sequence.blocks[p // bs] * bs + p % bs for p in range(end)]
+                gather += self._slots(sequence, range(end))
             cu_q.append(cu_q[-1] + chunk)
             cu_k.append(cu_k[-1] + end)
         device = self.device

@@ -24,7 +24,7 @@ from torch import nn
 from slmkit.engine.kv_cache import LayerCache
 from slmkit.errors import SlmkitError
 from slmkit.kernels.attention import prefill_attention, prefill_attention_ref
-from slmkit.kernels.decode_attention import decode_attention
+from slmkit.kernels.decode_attention import decode_attention, decode_attention_ref
 from slmkit.kernels.rmsnorm import rmsnorm
 from slmkit.kernels.swiglu import swiglu
 from slmkit.models.arch import ArchSpec, attention_shape, get_module, get_spec
@@ -65,21 +65,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
     out = rot * cos + rotated * sin
     return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)
-
-
-def paged_decode_torch(q: torch.Tensor, cache: LayerCache, block_table: torch.Tensor, seq_lens: torch.Tensor,
-                       scale: float) -> torch.Tensor:
-    """Decode attention in plain PyTorch for the whole batch at once: gather each row's blocks, mask the
-    positions past its length, one SDPA call. q (B, Hq, D) → (B, Hq, D); the CPU path of the engine."""
-    batch, heads, dim = q.shape
-    table = block_table.long()
-    keys = cache.keys[table].flatten(1, 2)  # (B, T, Hkv, D), T = table width × block size
-    values = cache.values[table].flatten(1, 2)
-    keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # (B, Hkv, T, D)
-    mask = torch.arange(keys.shape[2], device=q.device)[None, :] < seq_lens[:, None].long()  # (B, T)
-    out = torch.nn.functional.scaled_dot_product_attention(q[:, :, None, :], keys, values, attn_mask=mask[:, None, None, :],
-                                                           scale=scale, enable_gqa=heads != keys.shape[1])
-    return out[:, :, 0, :]
 
 
 def _rms_norm_params(norm: nn.Module) -> tuple[torch.Tensor, float] | None:
@@ -181,7 +166,7 @@ class ModelRunner:
         values.index_copy_(0, batch.slots, v.to(values.dtype))
         if batch.decode:
             if not self.use_kernels:
-                return paged_decode_torch(q, cache, batch.block_table, batch.seq_lens, layer.scale)
+                return decode_attention_ref(q, cache.keys, cache.values, batch.block_table, batch.seq_lens, layer.scale)
             return decode_attention(q, cache.keys, cache.values, batch.block_table, batch.seq_lens, scale=layer.scale,
                                     max_seqlen=batch.max_seqlen)
         if batch.gather is not None:
