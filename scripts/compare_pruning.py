@@ -23,7 +23,7 @@ from pathlib import Path
 import slmkit
 from slmkit import DepthPruneConfig, MagnitudePruneConfig, SparseGPTConfig, WandaConfig, WidthPruneConfig
 from slmkit.bench import (data_note, environment, finish, markdown_header, markdown_table, quality_inputs,
-                          result_files, script_parser)
+                          result_files, script_parser, selected_variants)
 from slmkit.eval.report import parameter_count
 from slmkit.models.checkpoint import WEIGHTS
 from slmkit.prune import linear_sparsity
@@ -50,11 +50,8 @@ def main(argv=None) -> int:
     parser = script_parser(__doc__, quality=True)
     parser.add_argument("--only", default="", help="comma-separated variant keys: " + ", ".join(VARIANTS))
     args = parser.parse_args(argv)
-    keys = [k for k in args.only.split(",") if k] or list(VARIANTS)
-    unknown = [k for k in keys if k not in VARIANTS]
     try:
-        if unknown:
-            raise slmkit.SlmkitError(f"unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
+        keys = selected_variants(args.only, VARIANTS)
         files = result_files(args.out, "smollm2-pruning-comparison", args.overwrite)
         reference, calib, eval_config = quality_inputs(args)
     except slmkit.SlmkitError as error:

@@ -2,6 +2,7 @@
 
     model = slmkit.load_model("smollm2-135m")
     slmkit.prune(model, slmkit.SparseGPTConfig(n_m="2:4"), calib=slmkit.calib_data(model, n=64))
+    slmkit.transform(model, slmkit.SharedFFNConfig(group_size=2))    # or LayerwiseScalingConfig(...)
     slmkit.distill(model, slmkit.load_model("smollm2-135m"), slmkit.DistillConfig(steps=200))
     slmkit.quantize(model, SmoothQuantConfig(alpha=0.5), calib=slmkit.calib_data(model, n=64))
     report = slmkit.evaluate(model, reference="smollm2-135m")
@@ -23,6 +24,7 @@ from slmkit.prune import (DepthPruneConfig, MagnitudePruneConfig, SparseGPTConfi
                           prune)
 from slmkit.quantize import SmoothQuantConfig, quantize
 from slmkit.recipes import Recipe, run_recipe
+from slmkit.transforms import LayerwiseScalingConfig, SharedFFNConfig, build_model, transform
 
 __all__ = [
     "__version__",
@@ -35,17 +37,20 @@ __all__ = [
     "EngineConfig",
     "EvalConfig",
     "EvalReport",
+    "LayerwiseScalingConfig",
     "MagnitudePruneConfig",
     "Recipe",
     "SlmConfig",
     "SlmForCausalLM",
     "SamplingParams",
+    "SharedFFNConfig",
     "SlmkitError",
     "SmoothQuantConfig",
     "SparseGPTConfig",
     "StreamDelta",
     "WandaConfig",
     "WidthPruneConfig",
+    "build_model",
     "calib_data",
     "distill",
     "evaluate",
@@ -55,4 +60,5 @@ __all__ = [
     "quantize",
     "run_recipe",
     "save",
+    "transform",
 ]

@@ -150,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "  slmkit run recipes/smollm2-w8a8.yaml --output out/w8a8 --overwrite --json out/w8a8.json\n"
                          "  slmkit run recipes/smollm2-w8a8.yaml --model ./my-llama-dir\n"
                          "  slmkit run recipes/smollm2-ffn25-distill.yaml --output out/heal   # prune, then distill\n"
+                         "  slmkit run recipes/smollm2-shared-ffn.yaml    # blocks share FFNs, then distill\n"
+                         "  slmkit run recipes/smollm2-openelm.yaml       # OpenELM layer-wise widths, then distill\n"
                          "  accelerate launch --config_file recipes/accelerate/ddp.yaml -m slmkit.cli run "
                          "recipes/smollm2-ffn25-distill.yaml --device cuda")
     run.add_argument("recipe", help="YAML recipe file")

@@ -184,6 +184,12 @@ def apply_step(model, config: BaseConfig, calib=None, category: str | None = Non
         raise ConfigError(
             f"{type(config).__name__} is a {config.category} step; call slmkit.{config.category}() instead"
         )
+    if config.category in ("prune", "quantize"):
+        from slmkit.models.modeling import shares_ffn
+
+        if shares_ffn(model):
+            raise SlmkitError(f"{type(config).__name__}: this model's blocks share FFN weights, which "
+                              f"{config.category} steps do not support yet; {config.category} before shared_ffn")
     if transform.needs_calibration and calib is None:
         from slmkit.data import calib_data
 

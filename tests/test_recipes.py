@@ -154,3 +154,24 @@ def test_prune_then_distill_recipe_resumes_inside_the_distillation(tiny_dir, tmp
         assert torch.equal(tensor, expected[name]), name
     reloaded = slmkit.load_model(tmp_path / "out")
     assert reloaded.config.intermediate_size == straight.model.config.intermediate_size < 96
+
+
+@pytest.mark.parametrize("transform_step", [
+    {"shared_ffn": {"init": "merge", "merge_steps": 5, "rank": 2}},
+    {"layerwise_scaling": {"alpha_min": 0.5, "alpha_max": 1.0, "beta_min": 0.5, "beta_max": 1.5, "multiple_of": 8}},
+])
+def test_transform_then_distill_recipe_saves_a_model_transformers_loads(tiny_dir, tmp_path, transform_step):
+    from transformers import AutoModelForCausalLM
+
+    model_dir, text = tiny_dir
+    data = _recipe(model_dir, text, [transform_step, DISTILL_STEP])
+    for key in ("data", "eval"):
+        data["steps"][1]["distill"][key] = {**DISTILL_STEP["distill"][key], "source": str(text), "split": "all"}
+    result = run_recipe(Recipe.from_dict(data), output=tmp_path / "out")
+    assert result.report.weight_bytes < result.report.reference_weight_bytes
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(saved).__name__ == "SlmForCausalLM"
+    tokens = torch.randint(0, 100, (1, 10))
+    loaded = slmkit.load_model(tmp_path / "out")
+    with torch.no_grad():
+        assert torch.equal(saved(tokens).logits, loaded(tokens).logits)

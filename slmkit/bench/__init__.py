@@ -1,7 +1,7 @@
 """Benchmark reporting: the environment a result was measured in, and result files (JSON + Markdown)."""
 
 from slmkit.bench.results import (data_note, environment, finish, markdown_header, markdown_table, quality_inputs,
-                                  result_files, script_parser, write_results)
+                                  result_files, script_parser, selected_variants, write_results)
 
 __all__ = ["data_note", "environment", "finish", "markdown_header", "markdown_table", "quality_inputs", "result_files",
-           "script_parser", "write_results"]
+           "script_parser", "selected_variants", "write_results"]

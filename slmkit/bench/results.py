@@ -51,6 +51,17 @@ def script_parser(description: str, quality: bool = False) -> argparse.ArgumentP
     return parser
 
 
+def selected_variants(only: str, available) -> list[str]:
+    """The variant keys of a comma-separated ``--only`` (all of ``available`` when empty); unknown keys fail."""
+    from slmkit.errors import SlmkitError
+
+    keys = [key for key in only.split(",") if key] or list(available)
+    unknown = [key for key in keys if key not in available]
+    if unknown:
+        raise SlmkitError(f"unknown variant {unknown[0]!r}; choose from {', '.join(available)}")
+    return keys
+
+
 def result_files(out_dir: str | Path, stem: str, overwrite: bool) -> tuple[Path, Path]:
     """The (JSON, Markdown) paths of a result; refused before any work when they exist without overwrite."""
     out_dir = Path(out_dir)

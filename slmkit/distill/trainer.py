@@ -96,7 +96,7 @@ def check_pair(student: nn.Module, teacher: nn.Module) -> None:
             raise SlmkitError("the student's tokenizer differs from the teacher's (same size, other tokens); "
                               "distillation needs the same tokenizer")
     quantized = list(get_record(student).modules)  # paths of replaced (quantized) modules
-    if quantized or not any(p.requires_grad and p.is_floating_point() for p in student.parameters()):
+    if quantized or not any(p.is_floating_point() for p in student.parameters()):
         where = f" ({quantized[0]}, ...)" if quantized else ""
         raise SlmkitError(f"the student has quantized layers{where} that cannot train; distill before "
                           "quantizing (prune → distill → quantize)")
@@ -240,6 +240,10 @@ class DistillTrainer:
             raise SlmkitError(f"too little training data: {train_blocks.shape[0]} blocks make no batch of "
                               f"{config.micro_batch_size} per process; add data or lower micro_batch_size")
         set_seed(config.seed)
+        # Every float weight of the student trains, even when it was copied from a frozen model (such as
+        # the teacher of an earlier run, which this trainer froze).
+        for param in student.parameters():
+            param.requires_grad_(param.is_floating_point())
         self.pairs = layer_pairs(student, teacher, config)
         if config.gradient_checkpointing:
             _set_activation_checkpointing(student, True)

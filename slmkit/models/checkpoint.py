@@ -67,7 +67,9 @@ def stored_tensors(model: nn.Module, compress: bool = True) -> tuple[dict[str, t
             continue
         seen[key] = name
         tensor = tensor.detach().cpu().contiguous()
-        if compress and compression.should_compress(tensor):
+        # Only weights are compressed (pruning makes them sparse); other tensors that happen to be mostly
+        # zero, such as low-rank corrections that start at zero, keep transformers' names and layout.
+        if compress and name.endswith(".weight") and compression.should_compress(tensor):
             values, bitmask = compression.compress(tensor)
             tensors[f"{name}.__values"], tensors[f"{name}.__bitmask"] = values, bitmask
             compressed[name] = {"format": "bitmask", "shape": list(tensor.shape)}

@@ -31,12 +31,13 @@ from slmkit.errors import SlmkitError
 from slmkit.eval.report import parameter_count
 from slmkit.models.arch import (attention_shape, block_linears, blocks, get_module, get_spec, intermediate_size,
                                 set_module, weight_out_in)
+from slmkit.models.modeling import become_slm, set_model_config
 from slmkit.models.record import get_record
 from slmkit.prune import importance
 from slmkit.prune.base import require_float_linear
 
 WIDTH_DIMS = ("heads", "ffn", "hidden")
-PER_LAYER_TYPES = ("llama", "slm")  # model types SlmForCausalLM can hold
+from slmkit.models.modeling import SLM_SOURCE_TYPES as PER_LAYER_TYPES  # types SlmForCausalLM can hold
 
 
 @dataclasses.dataclass
@@ -180,30 +181,28 @@ def pruned_config(config, plan: WidthPlan, per_layer: bool):
                    "num_key_value_heads": plan.kv_heads[0], "intermediate_size": plan.ffn[0], "n_inner": plan.ffn[0]}
         data.update({key: value for key, value in updates.items() if key in data})
         return type(config).from_dict(data)
-    data["hidden_size"] = plan.hidden
-    data["head_dim"] = attention_shape(config, 0).head_dim
-    from slmkit.models.modeling import SlmConfig
+    from slmkit.models.modeling import to_slm_config
 
     if config.model_type not in PER_LAYER_TYPES:
         raise SlmkitError(f"per-layer widths need a Llama-architecture model (SlmForCausalLM); "
                           f"{config.model_type!r} can only be pruned uniformly (per_layer: false)")
-    data.pop("model_type", None)
-    data["architectures"] = ["SlmForCausalLM"]
-    data.update(num_attention_heads=max(plan.heads), num_key_value_heads=max(plan.kv_heads),
-                intermediate_size=max(plan.ffn), layer_num_heads=list(plan.heads),
-                layer_num_kv_heads=list(plan.kv_heads), layer_intermediate_sizes=list(plan.ffn))
-    return SlmConfig.from_dict(data)
+    return to_slm_config(config, hidden_size=plan.hidden, head_dim=attention_shape(config, 0).head_dim,
+                         num_attention_heads=max(plan.heads), num_key_value_heads=max(plan.kv_heads),
+                         intermediate_size=max(plan.ffn), layer_num_heads=list(plan.heads),
+                         layer_num_kv_heads=list(plan.kv_heads), layer_intermediate_sizes=list(plan.ffn))
 
 
-def planned_params(model: nn.Module, plan: WidthPlan) -> int:
-    """Parameters of the model ``plan`` yields (built on the meta device: nothing is allocated)."""
+def config_params(config) -> int:
+    """Parameters of a model built from ``config`` (on the meta device: nothing is allocated)."""
     from transformers import AutoModelForCausalLM
 
-    import slmkit.models.modeling  # noqa: F401  (registers SlmConfig with the Auto classes)
-
-    config = pruned_config(model.config, plan, per_layer=False)
     with torch.device("meta"):
         return parameter_count(AutoModelForCausalLM.from_config(config))
+
+
+def planned_params(config, plan: WidthPlan, per_layer: bool = False) -> int:
+    """Parameters of the model ``plan`` makes of a model with ``config``."""
+    return config_params(pruned_config(config, plan, per_layer))
 
 
 def plan_for_budget(model: nn.Module, config: WidthPruneConfig) -> tuple[WidthPlan, float]:
@@ -227,16 +226,16 @@ def plan_for_budget(model: nn.Module, config: WidthPruneConfig) -> tuple[WidthPl
 
     high = 0.95
     smallest = plan_at(high)
-    if smallest is None or planned_params(model, smallest) > budget:
+    if smallest is None or planned_params(model.config, smallest) > budget:
         high = 0.66  # heads rounding can make large fractions invalid; retry at a smaller maximum
         smallest = plan_at(high)
-        if smallest is None or planned_params(model, smallest) > budget:
+        if smallest is None or planned_params(model.config, smallest) > budget:
             raise SlmkitError(f"param_budget {budget:,.0f} cannot be reached by width pruning of {', '.join(dims)}")
     low = 0.0
     for _ in range(20):  # bisection on the fraction; parameters fall as the fraction grows
         mid = (low + high) / 2
         plan = plan_at(mid)
-        if plan is not None and planned_params(model, plan) <= budget:
+        if plan is not None and planned_params(model.config, plan) <= budget:
             high = mid
         else:
             low = mid
@@ -378,30 +377,27 @@ def prune_hidden(model: nn.Module, channels: torch.Tensor) -> None:
                 _slice_linear(module, cols=channels)
 
 
-def _replace_config(model: nn.Module, new_config) -> None:
-    """Point the model and every submodule that held the old config at ``new_config`` (per-layer copies
-    for the blocks of an SlmConfig model)."""
-    old = model.config
-    implementation = getattr(old, "_attn_implementation", None)
-    if implementation is not None:  # chosen at load time (sdpa, eager...), not part of the saved config
-        new_config._attn_implementation = implementation
-    per_layer = getattr(new_config, "for_layer", None)
+def apply_width_plan(model: nn.Module, plan: WidthPlan, scores: importance.WidthScores, per_layer: bool) -> None:
+    """Cut ``model`` down to ``plan``'s widths, keeping the highest-scoring heads and channels.
+
+    ``per_layer`` (or a plan whose widths differ by layer) makes a Llama model an SlmForCausalLM.
+    """
+    num_layers = len(blocks(model))
+    old_heads = [attention_shape(model.config, i) for i in range(num_layers)]
+    old_ffn = [intermediate_size(model.config, i) for i in range(num_layers)]
+    new_config = pruned_config(model.config, plan, per_layer)
     for index, block in enumerate(blocks(model)):
-        layer_config = per_layer(index) if per_layer else new_config
-        for module in block.modules():
-            if getattr(module, "config", None) is old:
-                module.config = layer_config
-    for module in model.modules():
-        if getattr(module, "config", None) is old:
-            module.config = new_config
-
-
-def _become_slm(model: nn.Module) -> None:
-    """Make a Llama model whose blocks now differ in width an SlmForCausalLM (same modules, same weights)."""
-    from slmkit.models.modeling import SlmForCausalLM, SlmModel
-
-    model.__class__ = SlmForCausalLM
-    model.model.__class__ = SlmModel
+        shape = old_heads[index]
+        if plan.heads[index] != shape.num_heads or plan.kv_heads[index] != shape.num_kv_heads:
+            heads, kv = select_heads(scores.heads[index], shape.num_kv_heads, plan.heads[index], plan.kv_heads[index])
+            prune_block_heads(model, block, index, heads, kv)
+        if plan.ffn[index] != old_ffn[index]:
+            prune_block_ffn(model, block, index, _top(scores.ffn[index], plan.ffn[index]))
+    if plan.hidden != model.config.hidden_size:
+        prune_hidden(model, _top(scores.hidden, plan.hidden))
+    set_model_config(model, new_config)
+    if new_config.model_type == "slm" and type(model).__name__ != "SlmForCausalLM":
+        become_slm(model)
 
 
 # --- the transforms --------------------------------------------------------------------------------
@@ -466,19 +462,7 @@ def prune_width(model: nn.Module, config: WidthPruneConfig, calib: torch.Tensor)
             kept = distribute(scores.ffn, removed_ffn // config.multiple_of * config.multiple_of, [1] * num_layers)
             plan.ffn = [max(config.multiple_of, k // config.multiple_of * config.multiple_of) if k >= config.multiple_of
                         else k for k in kept]
-    new_config = pruned_config(model.config, plan, config.per_layer)
-    for index, block in enumerate(blocks(model)):
-        shape = old_heads[index]
-        if plan.heads[index] != shape.num_heads or plan.kv_heads[index] != shape.num_kv_heads:
-            heads, kv = select_heads(scores.heads[index], shape.num_kv_heads, plan.heads[index], plan.kv_heads[index])
-            prune_block_heads(model, block, index, heads, kv)
-        if plan.ffn[index] != old_ffn[index]:
-            prune_block_ffn(model, block, index, _top(scores.ffn[index], plan.ffn[index]))
-    if plan.hidden != model.config.hidden_size:
-        prune_hidden(model, _top(scores.hidden, plan.hidden))
-    _replace_config(model, new_config)
-    if new_config.model_type == "slm" and type(model).__name__ != "SlmForCausalLM":
-        _become_slm(model)
+    apply_width_plan(model, plan, scores, config.per_layer)
     record.metrics["width"] = {"heads": plan.heads, "kv_heads": plan.kv_heads, "ffn": plan.ffn,
                                "hidden": plan.hidden, "params_before": before, "params_after": parameter_count(model)}
     return model
@@ -505,7 +489,7 @@ def remove_blocks(model: nn.Module, drop: list[int]) -> None:
                 module.layer_idx = position
         if hasattr(block, "attention_type") and getattr(new_config, "layer_types", None):
             block.attention_type = new_config.layer_types[position]
-    _replace_config(model, new_config)
+    set_model_config(model, new_config)
 
 
 @register(DepthPruneConfig, needs_calibration=True)
