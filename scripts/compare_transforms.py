@@ -11,12 +11,13 @@ original on held-out text before and after distillation from the original.
 
 Usage:
     python scripts/compare_transforms.py [--budget 0.75] [--distill-steps 40] [--only shared2-merge,...]
-        [--out benchmarks/results/cpu] [--overwrite]
+        [--out benchmarks/results/cpu] [--overwrite] [--update]
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import sys
 import tempfile
 import time
@@ -63,11 +64,22 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", type=float, default=0.75, help="parameter budget of the width comparison")
     parser.add_argument("--distill-steps", type=int, default=40, help="distillation steps per variant (0: none)")
     parser.add_argument("--only", default="", help="comma-separated variant keys")
+    parser.add_argument("--update", action="store_true",
+                        help="re-measure only the --only variants and replace their rows in the existing result")
     args = parser.parse_args(argv)
     table_variants = variants(args.budget)
     try:
         keys = selected_variants(args.only, table_variants)
-        files = result_files(args.out, "smollm2-transforms-comparison", args.overwrite)
+        files = result_files(args.out, "smollm2-transforms-comparison", args.overwrite or args.update)
+        previous = []
+        if args.update:
+            if not files[0].is_file():
+                raise slmkit.SlmkitError(f"--update: {files[0]} does not exist yet; run without --update first")
+            old = json.loads(files[0].read_text())
+            if (old["model"], old["budget"], old["distill"]["steps"]) != (args.model, args.budget, args.distill_steps):
+                raise slmkit.SlmkitError(f"--update: {files[0]} was measured with another model, budget or number "
+                                         "of distillation steps")
+            previous = old["rows"]
         reference, calib, eval_config = quality_inputs(args)
     except slmkit.SlmkitError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -102,12 +114,19 @@ def main(argv=None) -> int:
             rows.append(row)
             del model
 
+    if previous:  # keep the earlier rows of the variants not re-measured, in the table's order
+        fresh = {row["key"]: row for row in rows}
+        rows = [fresh.pop(row["key"], row) for row in previous] + list(fresh.values())
     reference_ppl = rows[0]["after_transform"]["reference_perplexity"]
     result = {**environment(), "model": args.model, "reference_params": parameter_count(reference),
               "reference_file_bytes": dense_bytes, "budget": args.budget,
               "calibration": {"blocks": args.calib_blocks, "block_len": 512, "split": "calib"},
               "evaluation": eval_config.to_dict(), "distill": distill_config.to_dict(), "rows": rows}
+    if previous:
+        result["updated_rows"] = keys  # measured by this command; the other rows by an earlier run
     lines = markdown_header(result, f"Architecture transforms of {args.model}: shared FFN and layer-wise scaling")
+    if previous:
+        lines += [f"Rows re-measured by this command: {', '.join(keys)}; the others come from the earlier run.", ""]
     lines += [data_note(rows[0]["after_transform"]["tokens"], eval_config, args.calib_blocks)
               + f" Distillation: {args.distill_steps} steps × 8 × 128 tokens from the original (forward KL, lr 2e-4)"
               " on the calib split.", ""]
