@@ -240,10 +240,11 @@ class DistillTrainer:
             raise SlmkitError(f"too little training data: {train_blocks.shape[0]} blocks make no batch of "
                               f"{config.micro_batch_size} per process; add data or lower micro_batch_size")
         set_seed(config.seed)
-        # Every float weight of the student trains, even when it was copied from a frozen model (such as
-        # the teacher of an earlier run, which this trainer froze).
-        for param in student.parameters():
-            param.requires_grad_(param.is_floating_point())
+        # A student copied from a frozen model (such as the teacher of an earlier run, which this trainer
+        # froze) trains all its float weights; a student with some weights frozen on purpose keeps them.
+        if not any(param.requires_grad for param in student.parameters()):
+            for param in student.parameters():
+                param.requires_grad_(param.is_floating_point())
         self.pairs = layer_pairs(student, teacher, config)
         if config.gradient_checkpointing:
             _set_activation_checkpointing(student, True)

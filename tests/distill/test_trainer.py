@@ -334,3 +334,11 @@ def test_tensorboard_logs_when_installed(tmp_path):
     kl = [(event.step, event.value) for event in events.Scalars("eval/kl")]
     assert [step for step, _ in kl] == [0, 4, 8]
     assert kl[-1][1] == pytest.approx(_kl_curve(student)[-1], rel=1e-5)
+
+
+def test_a_copy_of_a_frozen_teacher_trains():
+    student, teacher = _pair()
+    student.requires_grad_(False)  # e.g. deep-copied from the teacher of an earlier run
+    before = student.lm_head.weight.detach().clone()
+    _distill(student, teacher, steps=2, eval_every=0)
+    assert not torch.equal(student.lm_head.weight, before)
