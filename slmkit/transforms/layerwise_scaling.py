@@ -179,9 +179,9 @@ def solve_plan(config, scaling: LayerwiseScalingConfig, shrink_only: bool) -> tu
             low, high = (mid, high) if fits(mid) else (low, mid)
         scale = low
         if scale == 0.0 or not fits(scale):
-            raise SlmkitError(f"param_budget {budget:,.0f} cannot be reached with heads alpha "
-                              f"{scaling.alpha_min:g}..{scaling.alpha_max:g} (the heads alone need more); "
-                              "lower alpha_min / alpha_max")
+            raise SlmkitError(f"param_budget {budget:,.0f} cannot be reached: even the narrowest FFN schedule with "
+                              f"heads alpha {scaling.alpha_min:g}..{scaling.alpha_max:g} keeps more; lower "
+                              "alpha_min / alpha_max (or multiple_of)")
     plan = schedule_plan(config, scaling, scale, clip_ffn=shrink_only)
     if shrink_only:
         _check_shrinks(config, plan)  # heads
