@@ -164,6 +164,12 @@ def shares_ffn(model_or_config) -> bool:
     return getattr(config, "ffn_groups", None) is not None
 
 
+def build_shared_mlps(config: SlmConfig) -> nn.ModuleList:
+    """One freshly initialised ``LlamaMLP`` per FFN group of ``config``, each at its group's width."""
+    first = [config.ffn_groups.index(group) for group in range(config.num_ffn_groups)]
+    return nn.ModuleList(LlamaMLP(config.for_layer(index)) for index in first)
+
+
 def attach_shared_mlps(model: nn.Module, shared: nn.ModuleList, groups: list[int], rank: int) -> None:
     """Give ``model`` (an SlmModel) the shared FFNs ``shared`` and point block i's mlp at ``shared[groups[i]]``."""
     model.shared_mlps = shared
@@ -189,9 +195,7 @@ class SlmModel(SlmPreTrainedModel, LlamaModel):
             LlamaDecoderLayer(config.for_layer(index), index) for index in range(config.num_hidden_layers)
         )
         if config.ffn_groups is not None:
-            first = [config.ffn_groups.index(group) for group in range(config.num_ffn_groups)]
-            shared = nn.ModuleList(LlamaMLP(config.for_layer(index)) for index in first)
-            attach_shared_mlps(self, shared, config.ffn_groups, config.ffn_correction_rank)
+            attach_shared_mlps(self, build_shared_mlps(config), config.ffn_groups, config.ffn_correction_rank)
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
         self.gradient_checkpointing = False

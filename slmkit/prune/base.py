@@ -79,6 +79,13 @@ def require_float_linear(module: nn.Module, path: str) -> None:
         raise SlmkitError(f"{path} is {type(module).__name__}, not a float linear; prune before quantizing")
 
 
+def require_float_linears(model: nn.Module) -> None:
+    """:func:`require_float_linear` for every linear of every block."""
+    for index, block in enumerate(blocks(model)):
+        for name, module in block_linears(model, block):
+            require_float_linear(module, f"{get_spec(model).layers}.{index}.{name}")
+
+
 def check_prunable(model: nn.Module, config: SparsityConfig) -> None:
     """Fail before any work if a target is not a float linear or its width does not fit N:M."""
     pattern = config.pattern

@@ -29,15 +29,22 @@ from slmkit import calib as calibration
 from slmkit.config import BaseConfig, ConfigError, check_choice, check_fraction, check_range, check_type, register
 from slmkit.errors import SlmkitError
 from slmkit.eval.report import parameter_count
-from slmkit.models.arch import (attention_shape, block_linears, blocks, get_module, get_spec, intermediate_size,
+from slmkit.models.arch import (attention_shape, blocks, get_module, get_spec, intermediate_size,
                                 set_module, weight_out_in)
-from slmkit.models.modeling import become_slm, set_model_config
+from slmkit.models.modeling import SLM_SOURCE_TYPES, become_slm, set_model_config, to_slm_config
 from slmkit.models.record import get_record
 from slmkit.prune import importance
-from slmkit.prune.base import require_float_linear
+from slmkit.prune.base import require_float_linears
 
 WIDTH_DIMS = ("heads", "ffn", "hidden")
-from slmkit.models.modeling import SLM_SOURCE_TYPES as PER_LAYER_TYPES  # types SlmForCausalLM can hold
+
+
+def check_param_budget(value: float | None) -> None:
+    """Raise ConfigError unless ``value`` is None, a fraction in (0, 1) or a parameter count > 1."""
+    if value is not None:
+        check_range("param_budget", value, 0.0, float("inf"))
+        if value <= 0 or value == 1:
+            raise ConfigError(f"param_budget must be a fraction in (0, 1) or a parameter count > 1, got {value!r}")
 
 
 @dataclasses.dataclass
@@ -67,11 +74,8 @@ class WidthPruneConfig(BaseConfig):
     def __post_init__(self):
         for field in WIDTH_DIMS:
             check_fraction(field, getattr(self, field), f" (that would remove every {field} unit)")
+        check_param_budget(self.param_budget)
         if self.param_budget is not None:
-            check_range("param_budget", self.param_budget, 0.0, float("inf"))
-            if self.param_budget <= 0 or self.param_budget == 1:
-                raise ConfigError(f"param_budget must be a fraction in (0, 1) or a parameter count > 1, "
-                                  f"got {self.param_budget!r}")
             if any(getattr(self, field) for field in WIDTH_DIMS):
                 raise ConfigError("give per-dimension fractions (heads/ffn/hidden) or param_budget, not both")
         check_type("budget_dims", self.budget_dims, list)
@@ -181,9 +185,7 @@ def pruned_config(config, plan: WidthPlan, per_layer: bool):
                    "num_key_value_heads": plan.kv_heads[0], "intermediate_size": plan.ffn[0], "n_inner": plan.ffn[0]}
         data.update({key: value for key, value in updates.items() if key in data})
         return type(config).from_dict(data)
-    from slmkit.models.modeling import to_slm_config
-
-    if config.model_type not in PER_LAYER_TYPES:
+    if config.model_type not in SLM_SOURCE_TYPES:
         raise SlmkitError(f"per-layer widths need a Llama-architecture model (SlmForCausalLM); "
                           f"{config.model_type!r} can only be pruned uniformly (per_layer: false)")
     return to_slm_config(config, hidden_size=plan.hidden, head_dim=attention_shape(config, 0).head_dim,
@@ -377,6 +379,15 @@ def prune_hidden(model: nn.Module, channels: torch.Tensor) -> None:
                 _slice_linear(module, cols=channels)
 
 
+def width_scores(model: nn.Module, calib: torch.Tensor, config) -> importance.WidthScores:
+    """Head / FFN / hidden scores by ``config.importance`` ("activation" or "taylor") on length-capped ``calib``
+    (``config`` has importance, batch_size, max_seq_len and device, as the width configs do)."""
+    tokens = calibration.cap_length(calib, config.max_seq_len)
+    if config.importance == "taylor":
+        return importance.taylor_scores(model, tokens, config.batch_size)
+    return importance.activation_scores(model, tokens, config.batch_size, config.device)
+
+
 def apply_width_plan(model: nn.Module, plan: WidthPlan, scores: importance.WidthScores, per_layer: bool) -> None:
     """Cut ``model`` down to ``plan``'s widths, keeping the highest-scoring heads and channels.
 
@@ -415,12 +426,10 @@ def _check_dims(model: nn.Module, fractions: dict[str, float]) -> None:
 def prune_width(model: nn.Module, config: WidthPruneConfig, calib: torch.Tensor) -> nn.Module:
     """Remove the least important heads, FFN channels and hidden channels of ``model`` in place."""
     record = get_record(model)
-    if config.per_layer and model.config.model_type not in PER_LAYER_TYPES:
+    if config.per_layer and model.config.model_type not in SLM_SOURCE_TYPES:
         raise SlmkitError(f"per_layer widths need a Llama-architecture model; {model.config.model_type!r} "
                           "can only be pruned uniformly (per_layer: false)")
-    for index, block in enumerate(blocks(model)):
-        for name, module in block_linears(model, block):
-            require_float_linear(module, f"{get_spec(model).layers}.{index}.{name}")
+    require_float_linears(model)
     if config.param_budget is not None:
         plan, fraction = plan_for_budget(model, config)
         dims = [d for d in config.budget_dims if d in get_spec(model).width_dims]
@@ -436,11 +445,7 @@ def prune_width(model: nn.Module, config: WidthPruneConfig, calib: torch.Tensor)
     old_ffn = [intermediate_size(model.config, i) for i in range(num_layers)]
     if config.heads and plan.heads == [s.num_heads for s in old_heads]:
         warnings.warn(f"heads={fractions['heads']:g} rounds to removing no head; heads are unchanged", stacklevel=2)
-    tokens = calibration.cap_length(calib, config.max_seq_len)
-    if config.importance == "taylor":
-        scores = importance.taylor_scores(model, tokens, config.batch_size)
-    else:
-        scores = importance.activation_scores(model, tokens, config.batch_size, config.device)
+    scores = width_scores(model, calib, config)
     if config.per_layer:  # same totals as the uniform plan, spread by global ranking
         removed_groups = [
             (s.num_kv_heads - kv) if kv < s.num_kv_heads else (s.num_heads - h) // s.num_kv_heads

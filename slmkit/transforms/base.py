@@ -5,9 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 from slmkit.errors import SlmkitError
-from slmkit.models.arch import block_linears, blocks, get_spec
 from slmkit.models.modeling import SLM_SOURCE_TYPES, shares_ffn
-from slmkit.prune.base import require_float_linear
+from slmkit.prune.base import require_float_linears
 
 MOE_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")  # transformers' names for expert counts
 
@@ -31,9 +30,7 @@ def require_dense_llama(config, what: str) -> None:
 def require_transformable(model: nn.Module, what: str) -> None:
     """:func:`require_dense_llama` for a model, and every block linear still a float linear."""
     require_dense_llama(model.config, what)
-    for index, block in enumerate(blocks(model)):
-        for name, module in block_linears(model, block):
-            require_float_linear(module, f"{get_spec(model).layers}.{index}.{name}")
+    require_float_linears(model)
 
 
 def consecutive_groups(num_layers: int, group_size: int | None) -> list[int]:

@@ -25,14 +25,13 @@ import math
 import torch
 from torch import nn
 
-from slmkit import calib as calibration
 from slmkit.config import BaseConfig, ConfigError, check_choice, check_range, check_type, register
 from slmkit.errors import SlmkitError
 from slmkit.eval.report import parameter_count
 from slmkit.models.arch import attention_shape, blocks, intermediate_size
 from slmkit.models.record import get_record
-from slmkit.prune import importance
-from slmkit.prune.structured import WidthPlan, apply_width_plan, config_params, planned_params
+from slmkit.prune.structured import (WidthPlan, apply_width_plan, check_param_budget, config_params,
+                                     planned_params, pruned_config, width_scores)
 from slmkit.transforms.base import require_dense_llama, require_transformable
 
 
@@ -64,11 +63,7 @@ class LayerwiseScalingConfig(BaseConfig):
             check_range(high, getattr(self, high), 0.0, 1e6)
             if not 0 < getattr(self, low) <= getattr(self, high):
                 raise ConfigError(f"need 0 < {low} <= {high}, got {getattr(self, low)} and {getattr(self, high)}")
-        if self.param_budget is not None:
-            check_range("param_budget", self.param_budget, 0.0, float("inf"))
-            if self.param_budget <= 0 or self.param_budget == 1:
-                raise ConfigError(f"param_budget must be a fraction in (0, 1) or a parameter count > 1, "
-                                  f"got {self.param_budget!r}")
+        check_param_budget(self.param_budget)
         check_choice("head_unit", self.head_unit, ("group", "query"))
         check_range("multiple_of", self.multiple_of, 1, 65536, int)
         check_choice("importance", self.importance, ("activation", "taylor"))
@@ -190,8 +185,6 @@ def solve_plan(config, scaling: LayerwiseScalingConfig, shrink_only: bool) -> tu
 
 def design_config(base_config, scaling: LayerwiseScalingConfig):
     """The SlmConfig of a fresh model in this design, from a base config (hidden size, heads, depth)."""
-    from slmkit.prune.structured import pruned_config
-
     require_dense_llama(base_config, "layer-wise scaling")
     plan, _ = solve_plan(base_config, scaling, shrink_only=False)
     return pruned_config(base_config, plan, per_layer=True)
@@ -204,12 +197,7 @@ def scale_layerwise(model: nn.Module, config: LayerwiseScalingConfig, calib: tor
     plan, scale = solve_plan(model.config, config, shrink_only=True)
     before = parameter_count(model)
     own_ffn = [intermediate_size(model.config, i) for i in range(len(blocks(model)))]
-    tokens = calibration.cap_length(calib, config.max_seq_len)
-    if config.importance == "taylor":
-        scores = importance.taylor_scores(model, tokens, config.batch_size)
-    else:
-        scores = importance.activation_scores(model, tokens, config.batch_size, config.device)
-    apply_width_plan(model, plan, scores, per_layer=True)
+    apply_width_plan(model, plan, width_scores(model, calib, config), per_layer=True)
     get_record(model).metrics["layerwise_scaling"] = {
         "heads": plan.heads, "kv_heads": plan.kv_heads, "ffn": plan.ffn, "beta_scale": round(scale, 6),
         "blocks_at_own_ffn_width": sum(w == own for w, own in zip(plan.ffn, own_ffn)),

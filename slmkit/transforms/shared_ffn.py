@@ -33,7 +33,8 @@ from slmkit.config import BaseConfig, check_choice, check_range, check_type, reg
 from slmkit.errors import SlmkitError
 from slmkit.eval.report import parameter_count
 from slmkit.models.arch import blocks, get_module, get_spec, intermediate_size
-from slmkit.models.modeling import attach_shared_mlps, become_slm, set_model_config, to_slm_config
+from slmkit.models.modeling import (attach_shared_mlps, become_slm, build_shared_mlps, set_model_config,
+                                   to_slm_config)
 from slmkit.models.record import get_record
 from slmkit.transforms.base import consecutive_groups, require_dense_llama, require_transformable
 
@@ -270,14 +271,11 @@ def share_ffn(model: nn.Module, config: SharedFFNConfig, calib: torch.Tensor) ->
 def _install(model: nn.Module, groups: list[int], rank: int, shared_weights: list[FFNWeights],
              corrections: list, like: torch.Tensor) -> None:
     """Replace the blocks' FFNs by shared ones holding ``shared_weights`` (and the corrections)."""
-    from transformers.models.llama.modeling_llama import LlamaMLP
-
     new_config = to_slm_config(model.config, ffn_groups=groups, ffn_correction_rank=rank)
     set_model_config(model, new_config)
     if type(model).__name__ != "SlmForCausalLM":
         become_slm(model)
-    first = [groups.index(group) for group in range(len(shared_weights))]
-    shared = nn.ModuleList(LlamaMLP(new_config.for_layer(index)) for index in first).to(like.device, like.dtype)
+    shared = build_shared_mlps(new_config).to(like.device, like.dtype)
     with torch.no_grad():
         for mlp, weights in zip(shared, shared_weights):
             for linear, tensor in zip((mlp.gate_proj, mlp.up_proj, mlp.down_proj), weights.tensors()):
