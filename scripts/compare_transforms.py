@@ -17,7 +17,6 @@ Usage:
 from __future__ import annotations
 
 import copy
-import json
 import sys
 import tempfile
 import time
@@ -25,8 +24,8 @@ from pathlib import Path
 
 import slmkit
 from slmkit import DataConfig, DistillConfig, EvalConfig, LayerwiseScalingConfig, SharedFFNConfig, WidthPruneConfig
-from slmkit.bench import (data_note, environment, finish, markdown_header, markdown_table, quality_inputs,
-                          result_files, script_parser, selected_variants)
+from slmkit.bench import (data_note, environment, finish, markdown_header, markdown_table, merge_rows, previous_rows,
+                          quality_inputs, result_files, script_parser, selected_variants)
 from slmkit.eval.report import parameter_count
 from slmkit.models.checkpoint import WEIGHTS
 
@@ -71,15 +70,10 @@ def main(argv=None) -> int:
     try:
         keys = selected_variants(args.only, table_variants)
         files = result_files(args.out, "smollm2-transforms-comparison", args.overwrite or args.update)
-        previous = []
-        if args.update:
-            if not files[0].is_file():
-                raise slmkit.SlmkitError(f"--update: {files[0]} does not exist yet; run without --update first")
-            old = json.loads(files[0].read_text())
-            if (old["model"], old["budget"], old["distill"]["steps"]) != (args.model, args.budget, args.distill_steps):
-                raise slmkit.SlmkitError(f"--update: {files[0]} was measured with another model, budget or number "
-                                         "of distillation steps")
-            previous = old["rows"]
+        previous = previous_rows(
+            files[0], args.update,
+            lambda old: (old["model"], old["budget"], old["distill"]["steps"]) == (args.model, args.budget, args.distill_steps),
+            "model, budget or number of distillation steps")
         reference, calib, eval_config = quality_inputs(args)
     except slmkit.SlmkitError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -115,8 +109,7 @@ def main(argv=None) -> int:
             del model
 
     if previous:  # keep the earlier rows of the variants not re-measured, in the table's order
-        fresh = {row["key"]: row for row in rows}
-        rows = [fresh.pop(row["key"], row) for row in previous] + list(fresh.values())
+        rows = merge_rows(previous, rows)
     reference_ppl = rows[0]["after_transform"]["reference_perplexity"]
     result = {**environment(), "model": args.model, "reference_params": parameter_count(reference),
               "reference_file_bytes": dense_bytes, "budget": args.budget,

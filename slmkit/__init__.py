@@ -22,7 +22,7 @@ from slmkit.models.loading import load_model
 from slmkit.models.modeling import SlmConfig, SlmForCausalLM  # registers model_type "slm" with the Auto classes
 from slmkit.prune import (DepthPruneConfig, MagnitudePruneConfig, SparseGPTConfig, WandaConfig, WidthPruneConfig,
                           prune)
-from slmkit.quantize import SmoothQuantConfig, quantize
+from slmkit.quantize import AWQConfig, GPTQConfig, RTNConfig, SmoothQuantConfig, export, quantize
 from slmkit.recipes import Recipe, run_recipe
 from slmkit.transforms import LayerwiseScalingConfig, SharedFFNConfig, build_model, transform
 
@@ -46,6 +46,9 @@ __all__ = [
     "SharedFFNConfig",
     "SlmkitError",
     "SmoothQuantConfig",
+    "RTNConfig",
+    "GPTQConfig",
+    "AWQConfig",
     "SparseGPTConfig",
     "StreamDelta",
     "WandaConfig",
@@ -54,6 +57,7 @@ __all__ = [
     "calib_data",
     "distill",
     "evaluate",
+    "export",
     "generate",
     "load_model",
     "prune",

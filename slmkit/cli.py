@@ -1,6 +1,6 @@
 """The ``slmkit`` command: parses arguments and calls the public API; errors are one line.
 
-Commands: ``run`` (a recipe), ``eval``, ``generate``, ``info``. ``slmkit COMMAND --help`` shows examples.
+Commands: ``run`` (a recipe), ``eval``, ``generate``, ``export``, ``bench``, ``info``. ``slmkit COMMAND --help`` shows examples.
 """
 
 from __future__ import annotations
@@ -60,6 +60,16 @@ def cmd_eval(args) -> int:
     report = evaluate(model, reference=reference, config=config)
     print(report.table())
     _write_json(json_file, report.to_dict())
+    return 0
+
+
+def cmd_export(args) -> int:
+    from slmkit import export, load_model
+
+    ensure_new(args.output, args.overwrite)  # refuse before loading anything
+    model = load_model(args.model)
+    path = export(model, args.output, format=args.format, overwrite=args.overwrite)
+    print(f"wrote {path} ({args.format}); serve it with: vllm serve {path}")
     return 0
 
 
@@ -133,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compress open Transformer language models and measure what quality they kept.",
         epilog="examples:\n  slmkit run recipes/smollm2-w8a8.yaml\n  slmkit eval out/smollm2-w8a8 --reference smollm2-135m\n"
         "  slmkit generate smollm2-135m --prompt 'Write a haiku about autumn.'\n  slmkit info out/smollm2-w8a8\n"
+        "  slmkit export out/smollm2-w4a16-gptq out/smollm2-w4a16-vllm\n"
         "  slmkit bench generate smollm2-135m --device cuda",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -171,8 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "  slmkit eval ./model-dir --data notes.txt --split all --max-tokens 4096")
     ev.add_argument("model", help="model source: checkpoint dir, HF dir, hub id, .gguf, or smollm2-135m")
     ev.add_argument("--reference", help="the uncompressed model to compare against")
-    ev.add_argument("--data", default="embedded", help="text: 'embedded', a .txt/.jsonl/.parquet file, or hf:NAME[:CONFIG][:SPLIT]")
-    ev.add_argument("--split", default="eval", help="embedded corpus split: eval (held out), calib or all")
+    ev.add_argument("--data", default="embedded",
+                    help="text: 'embedded', 'python-docs', a .txt/.jsonl/.parquet file, or hf:NAME[:CONFIG][:SPLIT]")
+    ev.add_argument("--split", default="eval", help="split of embedded / python-docs: eval (held out), calib or all")
     ev.add_argument("--max-tokens", type=int, default=16384, help="tokens to evaluate (default 16384)")
     ev.add_argument("--seq-len", type=int, default=1024, help="window length (default 1024)")
     ev.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
@@ -216,6 +228,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("what", choices=["generate", "kernels"], help="which benchmark")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options (see its --help)")
     bench.set_defaults(handler=cmd_bench)
+
+    exp = sub.add_parser("export", help="write a quantized checkpoint in the compressed-tensors format (vLLM)",
+                         formatter_class=_formatter,
+                         description="Export a quantized slmkit checkpoint (W8A8, W8A16 or W4A16) in the "
+                         "compressed-tensors format that vLLM serves. The integer weights are copied, not "
+                         "re-quantized; `slmkit.load_model` reads the export back bit-exactly.",
+                         epilog="examples:\n  slmkit run recipes/smollm2-w4a16-gptq.yaml --output out/w4\n"
+                         "  slmkit export out/w4 out/w4-vllm\n  vllm serve out/w4-vllm")
+    exp.add_argument("model", help="a quantized slmkit checkpoint directory")
+    exp.add_argument("output", help="directory to write")
+    exp.add_argument("--format", default="compressed-tensors", help="serving format (compressed-tensors)")
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    exp.set_defaults(handler=cmd_export)
 
     info = sub.add_parser("info", help="what a checkpoint is and how it was made", formatter_class=_formatter,
                           description="Describe an slmkit checkpoint: architecture, source model, the steps "

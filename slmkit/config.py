@@ -98,6 +98,37 @@ def check_regexes(field: str, patterns: Any) -> None:
             raise ConfigError(f"{field}: {pattern!r} is not a valid regex ({error})") from None
 
 
+@dataclasses.dataclass
+class LayerwiseFields:
+    """Fields of the steps that walk calibration activations block by block (see ``slmkit.calib``).
+
+    Mixed into their configs, first so its fields come last (``class C(LayerwiseFields, SparsityConfig)``); their
+    ``__post_init__`` calls :meth:`check_layerwise`.
+    """
+
+    batch_size: int = 8  # calibration sequences per forward pass
+    max_seq_len: int = 2048  # longer calibration sequences are split: bounds activation memory
+    device: str | None = None  # where each block is calibrated (default: where the model is)
+
+    def check_layerwise(self) -> None:
+        """Validate the layer-wise walk fields."""
+        check_range("batch_size", self.batch_size, 1, 65536, int)
+        check_range("max_seq_len", self.max_seq_len, 16, 1 << 20, int)
+        if self.device is not None:
+            check_type("device", self.device, str)
+
+
+def check_calibration(what: str, calib: Any) -> None:
+    """Fail unless ``calib`` is a non-empty (num_blocks, block_len) tensor of token ids."""
+    import torch
+
+    if (not isinstance(calib, torch.Tensor) or calib.ndim != 2 or calib.numel() == 0
+            or calib.is_floating_point() or calib.dtype == torch.bool):
+        shape = tuple(calib.shape) if isinstance(calib, torch.Tensor) else type(calib).__name__
+        raise SlmkitError(f"{what} needs calibration data: a non-empty (num_blocks, block_len) tensor of token "
+                          f"ids such as slmkit.calib_data(model), got {shape}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Transform:
     """A registered transform: its config class and the function that applies it."""
@@ -194,6 +225,8 @@ def apply_step(model, config: BaseConfig, calib=None, category: str | None = Non
         from slmkit.data import calib_data
 
         calib = calib_data(model)
+    if transform.needs_calibration:
+        check_calibration(type(config).__name__, calib)
     if transform.uses_context:
         transform.apply(model, config, context or StepContext(original_model=get_record(model).source))
     elif transform.needs_calibration:

@@ -13,6 +13,11 @@ Sources (a string everywhere a source is asked for):
     ``paradiseregained.txt``) is excluded, as are byte-identical duplicates and metadata files.
 
   ``tests/test_data.py`` checks that no line of the evaluation text appears in the calibration text.
+- ``"python-docs"``: modern English prose for checking that a model calibrated on the embedded corpus
+  still works on other text: the Python language reference topics every CPython ships
+  (``pydoc_data.topics``, the text of ``help("TOPIC")``). Split by topic in sorted order: every fourth
+  topic (the 1st, 5th, ...) is the evaluation split, the rest calibration. Its exact text follows the
+  Python version (results record it).
 - a local file: ``.txt`` (one document), ``.jsonl`` (a ``"text"`` field per line), ``.parquet``
   (a ``text`` column);
 - a Hugging Face dataset: ``"hf:NAME[:CONFIG][:SPLIT]"``, e.g. ``"hf:wikitext:wikitext-2-raw-v1:test"``
@@ -75,6 +80,20 @@ def embedded_files(split: str) -> list[Path]:
     return files
 
 
+def python_docs_texts(split: str) -> list[str]:
+    """The Python reference topics of ``split`` (see the module docstring)."""
+    check_choice("split", split, SPLITS)
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        raise SlmkitError("source 'python-docs' needs pydoc_data (part of CPython's standard library), "
+                          "which this Python lacks") from None
+    names = sorted(topics)
+    if split == "all":
+        return [topics[n] for n in names]
+    return [topics[n] for i, n in enumerate(names) if (i % 4 == 0) == (split == "eval")]
+
+
 def _hf_dataset_texts(spec: str) -> list[str]:
     parts = spec.split(":")[1:]
     if not parts or not parts[0]:
@@ -117,9 +136,15 @@ def _file_texts(path: Path) -> list[str]:
 
 
 def load_texts(source: str = "embedded", split: str = "calib") -> list[str]:
-    """Documents of a text source (see the module docstring); ``split`` applies to 'embedded' only."""
+    """Documents of a text source (see the module docstring); ``split`` applies to 'embedded' and
+    'python-docs' only."""
     if source == "embedded":
         texts = [_read_text(p) for p in embedded_files(split)]
+    elif source == "python-docs":
+        texts = python_docs_texts(split)
+    elif source == "generated":
+        raise SlmkitError("source 'generated' (text the model writes) serves calibration only: "
+                          "use it as a recipe's calibration source or slmkit.calib_data(model, source='generated')")
     elif source.startswith("hf:"):
         texts = _hf_dataset_texts(source)
     else:
@@ -173,8 +198,8 @@ def pack_blocks(
 class DataConfig(BaseConfig):
     """Which text to use and how to cut it into blocks."""
 
-    source: str = "embedded"  # "embedded", a .txt/.jsonl/.parquet path, or "hf:NAME[:CONFIG][:SPLIT]"
-    split: str = "calib"  # embedded corpus split: "calib", "eval" or "all"
+    source: str = "embedded"  # "embedded", "python-docs", a .txt/.jsonl/.parquet path, or "hf:NAME[:CONFIG][:SPLIT]"
+    split: str = "calib"  # split of "embedded" / "python-docs": "calib", "eval" or "all"
     num_blocks: int = 128  # how many blocks (sequences) to take
     block_len: int = 512  # tokens per block
     seed: int = 0  # block sampling seed ("random" sampling)
@@ -202,14 +227,66 @@ def token_blocks(tokenizer, config: DataConfig, texts: list[str] | None = None) 
     return pack_blocks(stream, config.block_len, config.num_blocks, config.sampling, config.seed)
 
 
+def generated_blocks(model, n: int, seq_len: int, seed: int = 0, batch_size: int = 16,
+                     greedy_tokens: int = 4) -> torch.Tensor:
+    """Data-free calibration (LLM-QAT, Liu et al., 2023): ``n`` sequences of ``seq_len`` tokens the model writes.
+
+    Each sequence starts from a random non-special token; the next ``greedy_tokens`` are the model's top-1
+    choices and the rest are sampled from its distribution (special tokens excluded), with ``seed``.
+    """
+    from tqdm.auto import tqdm
+
+    from slmkit.models.record import get_record
+
+    tokenizer = get_record(model).tokenizer
+    vocab = model.get_output_embeddings().weight.shape[0]
+    special = sorted(set(getattr(tokenizer, "all_special_ids", None) or []))
+    special = torch.tensor([i for i in special if i < vocab], dtype=torch.long)
+    allowed = torch.ones(vocab, dtype=torch.bool)
+    allowed[special] = False
+    candidates = allowed.nonzero().squeeze(1)
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    sequences = []
+    with torch.no_grad(), tqdm(total=n * seq_len, desc="generating calibration text", unit="tok") as progress:
+        for start in range(0, n, batch_size):
+            count = min(batch_size, n - start)
+            ids = candidates[torch.randint(len(candidates), (count, 1), generator=generator)]
+            tokens, past = [ids], None
+            progress.update(count)
+            for step in range(seq_len - 1):
+                out = model(input_ids=ids.to(device), past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                logits = out.logits[:, -1].float().cpu()
+                logits[:, ~allowed] = float("-inf")
+                if step < greedy_tokens:
+                    ids = logits.argmax(dim=-1, keepdim=True)
+                else:
+                    ids = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
+                tokens.append(ids)
+                progress.update(count)
+            sequences.append(torch.cat(tokens, dim=1))
+    return torch.cat(sequences)
+
+
 def calib_data(model, n: int = 128, seq_len: int = 512, source: str = "embedded", seed: int = 0):
-    """Calibration blocks for ``model``: ``n`` random blocks of ``seq_len`` tokens from ``source``.
+    """Calibration blocks for ``model``: ``n`` blocks of ``seq_len`` tokens from ``source``.
+
+    ``source`` is any text source (random blocks of its "calib" split), or ``"generated"``: text the
+    model writes itself (data-free; see :func:`generated_blocks`).
 
     Example:
         >>> calib = slmkit.calib_data(model, n=128)   # (128, 512) token ids from the calibration split
+        >>> calib = slmkit.calib_data(model, n=64, source="generated")   # the model's own text
     """
     from slmkit.models.record import get_record
 
+    if source == "generated":
+        try:
+            DataConfig(num_blocks=n, block_len=seq_len, seed=seed)
+        except ConfigError as error:
+            raise SlmkitError(f"calib_data: {error}") from None
+        return generated_blocks(model, n, seq_len, seed)
     try:
         config = DataConfig(source=source, split="calib", num_blocks=n, block_len=seq_len, seed=seed)
     except ConfigError as error:

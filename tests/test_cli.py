@@ -3,7 +3,7 @@ import pytest
 from slmkit.cli import build_parser, main
 
 
-@pytest.mark.parametrize("command", ["run", "eval", "generate", "info", "bench"])
+@pytest.mark.parametrize("command", ["run", "eval", "generate", "info", "bench", "export"])
 def test_every_command_has_help_with_examples(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])

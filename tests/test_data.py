@@ -91,3 +91,32 @@ def test_hf_datasets_path_on_a_local_dataset(tmp_path):
     assert data.load_texts(f"hf:{folder}") == ["first document", "second document"]
     with pytest.raises(SlmkitError, match="could not load dataset"):
         data.load_texts(f"hf:{folder}::validation")
+
+
+def test_python_docs_is_modern_prose_split_by_topic():
+    from slmkit.data import load_texts
+
+    calib, held_out, everything = (load_texts("python-docs", split) for split in ("calib", "eval", "all"))
+    assert len(calib) + len(held_out) == len(everything) and len(held_out) >= 15
+    assert not set(calib) & set(held_out)
+    assert sum(len(t) for t in held_out) > 60_000  # enough for 16k evaluation tokens
+    assert "the" in held_out[0] and "function" in " ".join(held_out)
+
+
+def test_generated_calibration_is_the_models_own_text_and_reproducible():
+    from slmkit.data import calib_data
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama")
+    first = calib_data(model, n=3, seq_len=12, source="generated", seed=5)
+    again = calib_data(model, n=3, seq_len=12, source="generated", seed=5)
+    assert first.shape == (3, 12) and first.dtype == torch.long
+    assert torch.equal(first, again)
+    assert not torch.equal(first, calib_data(model, n=3, seq_len=12, source="generated", seed=6))
+    with torch.no_grad():  # tokens 1..4 after the random first token are the model's greedy choices
+        logits = model(first[:, :5]).logits
+    assert torch.equal(logits[:, :4].argmax(-1), first[:, 1:5])
+    with pytest.raises(SlmkitError, match="calibration only"):
+        from slmkit.data import load_texts
+
+        load_texts("generated")

@@ -1,7 +1,8 @@
 """Benchmark reporting: the environment a result was measured in, and result files (JSON + Markdown)."""
 
-from slmkit.bench.results import (data_note, environment, finish, markdown_header, markdown_table, quality_inputs,
-                                  result_files, script_parser, selected_variants, write_results)
+from slmkit.bench.results import (data_note, environment, finish, markdown_header, markdown_table, merge_rows,
+                                  previous_rows, quality_inputs, result_files, script_parser, selected_variants,
+                                  write_results)
 
-__all__ = ["data_note", "environment", "finish", "markdown_header", "markdown_table", "quality_inputs", "result_files",
-           "script_parser", "selected_variants", "write_results"]
+__all__ = ["data_note", "environment", "finish", "markdown_header", "markdown_table", "merge_rows", "previous_rows",
+           "quality_inputs", "result_files", "script_parser", "selected_variants", "write_results"]

@@ -8,7 +8,7 @@ import json
 import platform
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from slmkit._files import ensure_new, write_text_atomic
 
@@ -60,6 +60,31 @@ def selected_variants(only: str, available) -> list[str]:
     if unknown:
         raise SlmkitError(f"unknown variant {unknown[0]!r}; choose from {', '.join(available)}")
     return keys
+
+
+def previous_rows(json_file: Path, update: bool, same_settings: Callable[[dict[str, Any]], bool],
+                  settings: str) -> list[dict[str, Any]]:
+    """The rows of an earlier result that ``--update`` re-measures in part ([] without ``--update``).
+
+    Refused (SlmkitError) when that result does not exist or ``same_settings(old_json)`` is False;
+    ``settings`` names what must match, for the message.
+    """
+    from slmkit.errors import SlmkitError
+
+    if not update:
+        return []
+    if not json_file.is_file():
+        raise SlmkitError(f"--update: {json_file} does not exist yet; run without --update first")
+    old = json.loads(json_file.read_text())
+    if not same_settings(old):
+        raise SlmkitError(f"--update: {json_file} was measured with another {settings}")
+    return old["rows"]
+
+
+def merge_rows(previous: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Earlier rows with the re-measured ones (same ``key``) replaced in place and new ones appended."""
+    fresh = {row["key"]: row for row in rows}
+    return [fresh.pop(row["key"], row) for row in previous] + list(fresh.values())
 
 
 def result_files(out_dir: str | Path, stem: str, overwrite: bool) -> tuple[Path, Path]:

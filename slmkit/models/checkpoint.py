@@ -25,12 +25,12 @@ from slmkit.errors import SlmkitError
 from slmkit.models import compression
 from slmkit.models.arch import set_module
 from slmkit.models.record import ModelRecord, attach_record, get_record
-from slmkit.quantize.linear import W8A8Linear
+from slmkit.quantize.linear import W8A8Linear, WeightOnlyLinear
 
 MANIFEST = "slmkit.json"
 WEIGHTS = "model.safetensors"
 # Module types a manifest may name, with the constructor arguments their layout carries.
-MODULE_TYPES: dict[str, type[nn.Module]] = {"W8A8Linear": W8A8Linear}
+MODULE_TYPES: dict[str, type[nn.Module]] = {"W8A8Linear": W8A8Linear, "WeightOnlyLinear": WeightOnlyLinear}
 
 
 def _sha256(path: Path) -> str:

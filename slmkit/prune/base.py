@@ -9,7 +9,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from slmkit.config import BaseConfig, ConfigError, check_fraction, check_range, check_regexes, check_type
+from slmkit.config import BaseConfig, ConfigError, LayerwiseFields, check_fraction, check_regexes
 from slmkit.errors import SlmkitError
 from slmkit.models.arch import block_linears, blocks, get_spec, weight_out_in
 from slmkit.models.record import get_record
@@ -47,19 +47,12 @@ class SparsityConfig(BaseConfig):
 
 
 @dataclasses.dataclass
-class CalibratedSparsityConfig(SparsityConfig):
+class CalibratedSparsityConfig(LayerwiseFields, SparsityConfig):
     """Fields of the pruners that read calibration activations (Wanda, SparseGPT)."""
-
-    batch_size: int = 8  # calibration sequences per forward pass
-    max_seq_len: int = 2048  # longer calibration sequences are split: bounds activation memory
-    device: str | None = None  # where each block is calibrated (default: where the model is)
 
     def __post_init__(self):
         super().__post_init__()
-        check_range("batch_size", self.batch_size, 1, 65536, int)
-        check_range("max_seq_len", self.max_seq_len, 16, 1 << 20, int)
-        if self.device is not None:
-            check_type("device", self.device, str)
+        self.check_layerwise()
 
 
 def block_targets(model: nn.Module, index: int, block: nn.Module, config: SparsityConfig) -> dict[str, nn.Module]:

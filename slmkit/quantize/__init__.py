@@ -1,29 +1,38 @@
 """Quantization transforms: ``slmkit.quantize(model, Config, calib=...)``.
 
-Available configs: :class:`SmoothQuantConfig` (W8A8). Modules: ``linear`` (int8 math, W8A8Linear),
-``smoothquant``.
+Configs: :class:`SmoothQuantConfig` (W8A8: int8 weights and activations), and the weight-only
+(W8A16 / W4A16) :class:`RTNConfig`, :class:`GPTQConfig` and :class:`AWQConfig`. Modules: ``linear``
+(W8A8Linear, WeightOnlyLinear), ``groupwise`` (group-wise int math and int4 packing), ``smoothquant``,
+``rtn``, ``gptq``, ``awq``, ``export`` (compressed-tensors for vLLM).
 """
 
 from __future__ import annotations
 
 from slmkit.config import BaseConfig, apply_step
-from slmkit.quantize.linear import W8A8Linear
+from slmkit.quantize.awq import AWQConfig
+from slmkit.quantize.export import export
+from slmkit.quantize.gptq import GPTQConfig
+from slmkit.quantize.linear import W8A8Linear, WeightOnlyLinear
+from slmkit.quantize.rtn import RTNConfig
 from slmkit.quantize.smoothquant import SmoothQuantConfig
 
 
 def quantize(model, config: BaseConfig, calib=None):
-    """Quantize ``model`` in place as ``config`` says and return it.
+    """Quantize ``model`` in place as ``config`` says and return it. A model is quantized once.
 
     Args:
-        model: a model from ``slmkit.load_model``.
-        config: a quantization config, e.g. ``SmoothQuantConfig(alpha=0.5)``.
+        model: a model from ``slmkit.load_model`` (float, possibly pruned).
+        config: a quantization config, e.g. ``SmoothQuantConfig(alpha=0.5)`` or
+            ``GPTQConfig(scheme="W4A16", group_size=128)``.
         calib: calibration token ids (num_blocks, block_len) from ``slmkit.calib_data``; ``None`` uses
-            128 blocks of 512 tokens of the embedded corpus's calibration split.
+            128 blocks of 512 tokens of the embedded corpus's calibration split (RTN reads none).
 
     Example:
         >>> slmkit.quantize(model, SmoothQuantConfig(alpha=0.5), calib=slmkit.calib_data(model, n=64))
+        >>> slmkit.quantize(model, AWQConfig(scheme="W4A16", group_size=64))
     """
     return apply_step(model, config, calib, category="quantize")
 
 
-__all__ = ["quantize", "SmoothQuantConfig", "W8A8Linear"]
+__all__ = ["quantize", "export", "SmoothQuantConfig", "RTNConfig", "GPTQConfig", "AWQConfig", "W8A8Linear",
+           "WeightOnlyLinear"]

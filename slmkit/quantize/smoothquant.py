@@ -21,12 +21,15 @@ import re
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from slmkit import calib as calibration
-from slmkit.config import BaseConfig, ConfigError, check_choice, check_range, check_regexes, check_type, register
-from slmkit.errors import SlmkitError
+from slmkit.config import (BaseConfig, ConfigError, check_choice, check_fraction, check_range, check_regexes,
+                           check_type, register)
 from slmkit.models.arch import FoldGroup, block_linears, blocks, fold_groups, get_spec, set_module, weight_out_in
 from slmkit.models.record import get_record
+from slmkit.quantize.base import require_unquantized
+from slmkit.quantize.gptq import gptq_quantize
 from slmkit.quantize.linear import W8A8Linear, quantize_per_channel, quantize_per_tensor, quantize_per_token
 
 FOLD_SITES = ("attn_norm->qkv", "mlp_norm->gate_up", "v->o", "up->down")
@@ -49,6 +52,17 @@ class SmoothQuantConfig(BaseConfig):
     activations: str = "dynamic"  # "dynamic" (per token, at run time) or "static" (per tensor, calibrated)
     skip: list[str] = dataclasses.field(default_factory=list)  # regexes of module paths kept in float
     batch_size: int = 8  # calibration sequences per forward pass
+    # How the int8 weights are rounded after smoothing: "rtn" (nearest) or "gptq" (error compensation
+    # against the smoothed calibration inputs' Hessian, per output channel).
+    weight_method: str = "rtn"
+    # Mixed precision: this fraction of the block linears' weights stays in float, spent on the linears
+    # whose int8 quantization alone moves the output most (KL per weight, measured on the first
+    # ``sensitivity_blocks`` calibration sequences before quantizing).
+    float_budget: float = 0.0
+    sensitivity_blocks: int = 4
+    gptq_damp: float = 0.01
+    gptq_block_size: int = 128
+    gptq_act_order: bool = True
 
     def __post_init__(self):
         check_range("alpha", self.alpha, 0.0, 1.0)
@@ -66,6 +80,12 @@ class SmoothQuantConfig(BaseConfig):
         check_choice("activations", self.activations, ("dynamic", "static"))
         check_regexes("skip", self.skip)
         check_range("batch_size", self.batch_size, 1, 65536, int)
+        check_choice("weight_method", self.weight_method, ("rtn", "gptq"))
+        check_fraction("float_budget", self.float_budget)
+        check_range("sensitivity_blocks", self.sensitivity_blocks, 1, 65536, int)
+        check_range("gptq_damp", self.gptq_damp, 0.0, 10.0)
+        check_range("gptq_block_size", self.gptq_block_size, 1, 1 << 16, int)
+        check_type("gptq_act_order", self.gptq_act_order, bool)
 
 
 # --- pure math -----------------------------------------------------------------------------------
@@ -114,7 +134,7 @@ def w8a8_output_error(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
 # --- model walking -------------------------------------------------------------------------------
 
 
-def _fold(group: FoldGroup, source_scale: torch.Tensor, target_scale: torch.Tensor, norm_offset: float) -> None:
+def fold_scales(group: FoldGroup, source_scale: torch.Tensor, target_scale: torch.Tensor, norm_offset: float) -> None:
     """Divide the source's output channels by ``source_scale``; multiply targets' inputs by ``target_scale``."""
     rows = slice(None) if group.source_is_norm or group.source_rows is None else group.source_rows
     with torch.no_grad():
@@ -157,10 +177,12 @@ def best_alpha(group: FoldGroup, act_abs_max: torch.Tensor, samples: torch.Tenso
 
 
 def smooth_block(model: nn.Module, block: nn.Module, input_abs_max: dict[str, torch.Tensor],
-                 config: SmoothQuantConfig, input_samples: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+                 config: SmoothQuantConfig, input_samples: dict[str, torch.Tensor] | None = None,
+                 target_scales: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
     """Apply smoothing at the configured fold sites of ``block``; update ``input_abs_max`` to match.
 
     Returns the strength used per fold site (searched when ``config.alpha_grid`` and samples are given).
+    ``target_scales``, when given, receives the factor each smoothed linear's input was divided by.
     """
     spec = get_spec(model)
     names = {id(module): name for name, module in block_linears(model, block)}
@@ -174,27 +196,77 @@ def smooth_block(model: nn.Module, block: nn.Module, input_abs_max: dict[str, to
         if config.alpha_grid and input_samples is not None:
             alpha = best_alpha(group, act, input_samples[target_names[0]], config)
         source_scale, target_scale = _site_scales(group, act, alpha)
-        _fold(group, source_scale, target_scale, spec.norm_offset)
+        fold_scales(group, source_scale, target_scale, spec.norm_offset)
         chosen[group.name] = alpha
         for name in target_names:
             input_abs_max[name] = input_abs_max[name] / target_scale
+            if target_scales is not None:
+                target_scales[name] = target_scale
     return chosen
 
 
 def quantize_block(block: nn.Module, prefix: str, linears: list[tuple[str, nn.Module]],
-                   input_abs_max: dict[str, torch.Tensor], config: SmoothQuantConfig) -> dict[str, dict]:
-    """Replace each linear of ``block`` (unless skipped) by a W8A8Linear; return their layouts by path."""
+                   input_abs_max: dict[str, torch.Tensor], config: SmoothQuantConfig,
+                   hessians: dict[str, torch.Tensor] | None = None) -> dict[str, dict]:
+    """Replace each linear of ``block`` (unless skipped) by a W8A8Linear; return their layouts by path.
+
+    With ``hessians`` (input XᵀX per linear, after smoothing) the int8 weights are rounded by GPTQ.
+    """
     layouts = {}
     for name, module in linears:
         path = f"{prefix}.{name}"
         if any(re.search(pattern, path) for pattern in config.skip):
             continue
-        quantized = W8A8Linear.from_float(
-            weight_out_in(module), module.bias, config.activations, input_abs_max.get(name)
-        )
+        if hessians is not None:
+            codes, scale, _, _ = gptq_quantize(weight_out_in(module), hessians[name], 8, None, True,
+                                               config.gptq_block_size, config.gptq_damp, config.gptq_act_order,
+                                               what=path, scale_dtype=torch.float32)
+            quantized = W8A8Linear.from_quantized(codes, scale[:, 0], module.bias, config.activations,
+                                                  input_abs_max.get(name), dtype=weight_out_in(module).dtype)
+        else:
+            quantized = W8A8Linear.from_float(
+                weight_out_in(module), module.bias, config.activations, input_abs_max.get(name)
+            )
         set_module(block, name, quantized)
         layouts[path] = quantized.layout()
     return layouts
+
+
+def layer_sensitivity(model: nn.Module, tokens: torch.Tensor) -> dict[str, float]:
+    """Mean per-token KL(float model ‖ model with only this linear in W8A8) for every block linear, by path.
+
+    Each linear is quantized alone (no smoothing, dynamic per-token activations) and put back; ``tokens`` (B, T) are a few calibration
+    sequences. This is the measured sensitivity mixed precision ranks by.
+    """
+    spec = get_spec(model)
+    targets = [(index, block, name, module) for index, block in enumerate(blocks(model))
+               for name, module in block_linears(model, block)]
+    device = next(model.parameters()).device
+    tokens = tokens.to(device)
+    result = {}
+    with torch.no_grad():
+        reference = torch.log_softmax(model(input_ids=tokens, use_cache=False).logits.float(), dim=-1)
+        for index, block, name, module in tqdm(targets, desc="sensitivity", unit="linear"):
+            quantized = W8A8Linear.from_float(weight_out_in(module), getattr(module, "bias", None), "dynamic")
+            set_module(block, name, quantized)
+            try:
+                logits = torch.log_softmax(model(input_ids=tokens, use_cache=False).logits.float(), dim=-1)
+            finally:
+                set_module(block, name, module)
+            kl = (reference.exp() * (reference - logits)).sum(dim=-1).mean()
+            result[f"{spec.layers}.{index}.{name}"] = max(float(kl), 0.0)  # float rounding can dip below 0
+    return result
+
+
+def keep_in_float(sensitivity: dict[str, float], sizes: dict[str, int], budget: float) -> list[str]:
+    """Paths to keep in float: highest KL per weight first, while their weights fit ``budget`` of the total."""
+    allowed = budget * sum(sizes.values())
+    kept, used = [], 0
+    for path in sorted(sensitivity, key=lambda p: sensitivity[p] / sizes[p], reverse=True):
+        if used + sizes[path] <= allowed:
+            kept.append(path)
+            used += sizes[path]
+    return kept
 
 
 @register(SmoothQuantConfig, needs_calibration=True)
@@ -209,24 +281,43 @@ def smoothquant(model: nn.Module, config: SmoothQuantConfig, calib: torch.Tensor
     spec = get_spec(model)
     record = get_record(model)
     layers_path = spec.layers
-    for name, module in block_linears(model, blocks(model)[0]):
-        if not module.weight.is_floating_point():
-            raise SlmkitError(f"{layers_path}.0.{name} is already quantized ({type(module).__name__}); "
-                              "SmoothQuant needs a float model")
+    require_unquantized(model, "smoothquant")
+    if config.float_budget > 0:
+        sensitivity = layer_sensitivity(model, calib[: config.sensitivity_blocks])
+        sizes = {f"{layers_path}.{index}.{name}": weight_out_in(module).numel()
+                 for index, block in enumerate(blocks(model)) for name, module in block_linears(model, block)}
+        kept = keep_in_float(sensitivity, sizes, config.float_budget)
+        record.metrics["mixed_precision"] = {"float_budget": config.float_budget, "kept_in_float": kept,
+                                             "sensitivity_kl": sensitivity}
+        config = dataclasses.replace(config, skip=config.skip + [f"^{re.escape(path)}$" for path in kept])
+    search = config.smoothing and bool(config.alpha_grid)
+    gptq = config.weight_method == "gptq"
     for layer in calibration.layerwise(model, calib, config.batch_size, desc="smoothquant"):
         linears = list(block_linears(model, layer.block))
-        input_abs_max, samples = {}, None
-        if config.smoothing and config.alpha_grid:  # one block run collects both statistics
-            sampler = calibration.row_sampler(config.search_tokens, calib.numel())
-            both = calibration.observe_inputs(layer, dict(linears), calibration.combine(calibration.abs_max_reduce, sampler))
-            input_abs_max = {name: stats[0] for name, stats in both.items()}
-            samples = {name: stats[1] for name, stats in both.items()}
-        elif config.smoothing or config.activations == "static":
-            input_abs_max = calibration.input_abs_max(layer, dict(linears))
+        # one block run collects every statistic: max |x|, token samples (alpha search), XᵀX (GPTQ)
+        reducers = [calibration.abs_max_reduce]
+        if search:
+            reducers.append(calibration.row_sampler(config.search_tokens, calib.numel()))
+        if gptq:
+            reducers.append(calibration.gram_reduce)
+        stats = calibration.observe_inputs(layer, dict(linears), calibration.combine(*reducers))
+        input_abs_max = {name: s[0] for name, s in stats.items()}
+        samples = {name: s[1] for name, s in stats.items()} if search else None
+        scales: dict[str, torch.Tensor] = {}
         if config.smoothing:
-            chosen = smooth_block(model, layer.block, input_abs_max, config, samples)
+            chosen = smooth_block(model, layer.block, input_abs_max, config, samples, scales)
             record.metrics.setdefault("smoothquant_alpha", {})[str(layer.index)] = chosen
             linears = list(block_linears(model, layer.block))
+        hessians = None
+        if gptq:  # the smoothed input is x / s, so its XᵀX is divided by s_i s_j
+            hessians = {}
+            for name, s in stats.items():
+                gram, count = s[-1]
+                scale = scales.get(name)
+                if scale is not None:
+                    gram = gram / (scale[:, None] * scale[None, :])
+                hessians[name] = gram * (2.0 / count)
         prefix = f"{layers_path}.{layer.index}"
-        record.modules.update(quantize_block(layer.block, prefix, linears, input_abs_max, config))
+        record.modules.update(quantize_block(layer.block, prefix, linears, input_abs_max, config, hessians))
+        del stats, hessians
     return model

@@ -141,5 +141,50 @@ def test_quantizing_twice_is_a_clear_error():
 
     model = tiny_model("llama")
     slmkit.quantize(model, SmoothQuantConfig(), calib=random_tokens(2, 8))
-    with pytest.raises(SlmkitError, match=r"model.layers.0.self_attn.q_proj is already quantized \(W8A8Linear\)"):
+    with pytest.raises(SlmkitError, match=r"already quantized \(smoothquant\); quantizing twice is not supported"):
         slmkit.quantize(model, SmoothQuantConfig(), calib=random_tokens(2, 8))
+
+
+def test_gptq_rounding_of_smoothed_int8_weights_lowers_the_error():
+    reference = tiny_model("llama")
+    calib = random_tokens(16, 64, seed=3)
+    held_out = random_tokens(2, 48, seed=4)
+    errors = {}
+    for method in ("rtn", "gptq"):
+        model = copy.deepcopy(reference)
+        slmkit.quantize(model, SmoothQuantConfig(alpha_grid=[0.3, 0.5, 0.7], weight_method=method), calib=calib)
+        assert type(arch.blocks(model)[1].mlp.down_proj).__name__ == "W8A8Linear"
+        with torch.no_grad():
+            ref = reference(held_out).logits
+            errors[method] = ((model(held_out).logits - ref).norm() / ref.norm()).item()
+    assert errors["gptq"] < errors["rtn"], errors
+
+
+def test_weight_method_is_validated():
+    from slmkit.config import ConfigError
+
+    with pytest.raises(ConfigError, match="weight_method must be one of"):
+        SmoothQuantConfig(weight_method="awq")
+
+
+def test_mixed_precision_keeps_the_most_sensitive_linears_in_float_within_budget():
+    from slmkit.quantize.smoothquant import keep_in_float, layer_sensitivity
+
+    reference = tiny_model("llama")
+    with torch.no_grad():  # an outlier input channel makes block 1's down_proj the hardest to quantize
+        arch.blocks(reference)[1].mlp.down_proj.weight[:, 5] *= 40
+    calib = random_tokens(8, 32, seed=3)
+    sensitivity = layer_sensitivity(reference, calib[:2])
+    assert len(sensitivity) == 14 and all(v >= 0 for v in sensitivity.values())
+    sizes = {path: 1000 for path in sensitivity}
+    assert keep_in_float({"a": 3.0, "b": 2.0, "c": 1.0}, {"a": 10, "b": 1, "c": 1}, 0.2) == ["b", "c"]
+    assert keep_in_float(sensitivity, sizes, 0.0) == []
+    model = copy.deepcopy(reference)
+    slmkit.quantize(model, SmoothQuantConfig(float_budget=0.2, sensitivity_blocks=2), calib=calib)
+    kept = model.slmkit.metrics["mixed_precision"]["kept_in_float"]
+    assert kept and "model.layers.1.mlp.down_proj" in kept
+    total = sum(m.in_features * m.out_features for b in arch.blocks(model) for _, m in arch.block_linears(model, b))
+    floats = [(f"model.layers.{i}.{n}", m) for i, b in enumerate(arch.blocks(model)) for n, m in arch.block_linears(model, b)
+              if isinstance(m, torch.nn.Linear)]
+    assert sorted(p for p, _ in floats) == sorted(kept)
+    assert sum(m.weight.numel() for _, m in floats) <= 0.2 * total

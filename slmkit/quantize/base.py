@@ -1,0 +1,97 @@
+"""What the weight-only quantizers (RTN, GPTQ, AWQ) share: the scheme fields, target selection, the
+"quantize once" rule and the swap of a float linear for a :class:`WeightOnlyLinear`."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import torch
+from torch import nn
+
+from slmkit.config import BaseConfig, ConfigError, LayerwiseFields, check_choice, check_regexes, check_type, lookup
+from slmkit.errors import SlmkitError
+from slmkit.models.arch import block_linears, blocks, get_spec, set_module
+from slmkit.models.record import get_record
+from slmkit.quantize.linear import WeightOnlyLinear
+
+SCHEMES = {"W4A16": 4, "W8A16": 8}  # weight-only schemes: bits of the weights
+
+
+def check_group_size(field: str, value) -> None:
+    """Raise ConfigError unless ``value`` is None (per channel) or a power of two >= 16."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value & (value - 1):
+        raise ConfigError(f"{field} must be a positive power of two >= 16 (e.g. 32, 64, 128) or null for "
+                          f"one group per output channel, got {value!r}")
+
+
+@dataclasses.dataclass
+class WeightQuantConfig(BaseConfig):
+    """Fields of every weight-only quantizer: the scheme, the grouping and what to leave in float."""
+
+    category = "quantize"
+
+    scheme: str = "W4A16"  # "W4A16" (int4 weights, packed two a byte) or "W8A16"
+    group_size: int | None = 128  # input columns per scale; null = one scale per output channel
+    symmetric: bool = True  # False adds an int8 zero point per group
+    skip: list[str] = dataclasses.field(default_factory=list)  # regexes of module paths kept in float
+
+    def __post_init__(self):
+        check_choice("scheme", self.scheme, tuple(SCHEMES))
+        check_group_size("group_size", self.group_size)
+        check_type("symmetric", self.symmetric, bool)
+        check_regexes("skip", self.skip)
+
+    @property
+    def bits(self) -> int:
+        """Bits per weight code."""
+        return SCHEMES[self.scheme]
+
+
+@dataclasses.dataclass
+class CalibratedWeightQuantConfig(LayerwiseFields, WeightQuantConfig):
+    """Fields of the quantizers that read calibration activations (GPTQ, AWQ)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.check_layerwise()
+
+
+def quantize_targets(model: nn.Module, index: int, block: nn.Module, skip: list[str]) -> dict[str, nn.Module]:
+    """The linears of block ``index`` to quantize (block-relative name → module), minus ``skip`` regexes."""
+    prefix = f"{get_spec(model).layers}.{index}"
+    return {name: module for name, module in block_linears(model, block)
+            if not any(re.search(pattern, f"{prefix}.{name}") for pattern in skip)}
+
+
+def require_unquantized(model: nn.Module, what: str) -> None:
+    """Refuse a second quantization: every block linear must be float and no quantize step recorded."""
+    for step in get_record(model).steps:
+        (name, _), = step.items()
+        try:
+            category = lookup(name).config_class.category
+        except ConfigError:
+            continue
+        if category == "quantize":
+            raise SlmkitError(f"{what}: this model is already quantized ({name}); quantizing twice is not "
+                              "supported, start again from the float model")
+    prefix = get_spec(model).layers
+    for index, block in enumerate(blocks(model)):
+        for name, module in block_linears(model, block):
+            weight = getattr(module, "weight", None)
+            if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+                raise SlmkitError(f"{what}: {prefix}.{index}.{name} is already quantized "
+                                  f"({type(module).__name__}); quantizing twice is not supported")
+
+
+def replace_with_weight_only(model: nn.Module, index: int, block: nn.Module, name: str, codes: torch.Tensor,
+                             scale: torch.Tensor, zero: torch.Tensor | None, config: WeightQuantConfig) -> None:
+    """Swap ``block.<name>`` for a WeightOnlyLinear holding ``codes`` and record its layout."""
+    old = block.get_submodule(name)
+    bias = getattr(old, "bias", None)
+    module = WeightOnlyLinear.from_codes(codes, scale, zero, config.bits, config.group_size,
+                                         None if bias is None else bias.detach())
+    set_module(block, name, module)
+    get_record(model).modules[f"{get_spec(model).layers}.{index}.{name}"] = module.layout()

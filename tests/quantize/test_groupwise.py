@@ -1,0 +1,64 @@
+import pytest
+import torch
+
+from slmkit.quantize import groupwise
+
+
+def _randn(*shape, seed=0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("width", [1, 7, 64, 577])
+def test_int4_packing_round_trips_two_codes_a_byte(width):
+    codes = torch.randint(-8, 8, (5, width), generator=torch.Generator().manual_seed(0)).to(torch.int8)
+    packed = groupwise.pack_int4(codes)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, (width + 1) // 2)
+    assert torch.equal(groupwise.unpack_int4(packed, width), codes)
+    if width > 1:  # low nibble: even column, high nibble: odd column, each stored as q + 8
+        assert int(packed[0, 0]) == (int(codes[0, 0]) + 8) | ((int(codes[0, 1]) + 8) << 4)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group_size", [None, 16, 128])
+def test_round_to_nearest_error_is_at_most_half_a_step(bits, symmetric, group_size):
+    weight = _randn(6, 200, seed=1)
+    scale, zero = groupwise.group_params(weight, bits, group_size, symmetric)
+    assert scale.dtype == torch.float16 and scale.shape == (6, groupwise.num_groups(200, group_size))
+    assert (zero is None) == symmetric
+    codes = groupwise.quantize_codes(weight, scale, zero, bits, group_size)
+    low, high = groupwise.qrange(bits)
+    assert codes.min() >= low and codes.max() <= high
+    error = (groupwise.dequantize(codes, scale, zero, group_size) - weight).abs()
+    step = groupwise.expand_groups(scale.float(), 200, group_size)
+    # symmetric: the positive end sits half a step past the top code (plus the float16 rounding of the
+    # scale); asymmetric: the rounded zero point can push a range end up to half a step outside the grid
+    assert (error <= step * ((0.5 + 2 ** (bits - 1) / 2048) if symmetric else 1.0) + 1e-6).all()
+    assert error.mean() < 0.3 * step.mean()
+
+
+def test_partial_last_group_uses_only_its_own_columns():
+    weight = torch.ones(2, 576)
+    weight[:, 512:] = 0.01  # the last (partial) group: 64 small columns
+    scale, _ = groupwise.group_params(weight, 4, 128, True)
+    assert scale.shape == (2, 5)
+    assert torch.allclose(scale[:, 4].float(), torch.full((2,), 0.01 / 7.5), rtol=1e-3)
+    assert torch.allclose(scale[:, 0].float(), torch.full((2,), 1 / 7.5), rtol=1e-3)
+
+
+def test_asymmetric_zero_is_exact_and_all_zero_groups_survive():
+    weight = torch.zeros(3, 32)
+    weight[0] = torch.linspace(0.1, 2.0, 32)  # all positive: zero point at the bottom of the range
+    scale, zero = groupwise.group_params(weight, 4, 16, False)
+    codes = groupwise.quantize_codes(weight, scale, zero, 4, 16)
+    restored = groupwise.dequantize(codes, scale, zero, 16)
+    assert torch.equal(restored[1:], torch.zeros(2, 32))  # exact zeros, no NaN from a zero scale
+    assert zero[0, 0] == -8
+    assert torch.isfinite(scale.float()).all()
+
+
+def test_clip_shrinks_the_range():
+    weight = _randn(4, 64, seed=2)
+    full, _ = groupwise.group_params(weight, 4, 32, True)
+    clipped, _ = groupwise.group_params(weight, 4, 32, True, clip=0.5)
+    assert torch.allclose(clipped.float(), full.float() * 0.5, rtol=1e-3)
