@@ -16,6 +16,8 @@ when there are few output tiles.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from slmkit.kernels._launch import HAVE_TRITON, interpreting, use_triton
@@ -78,6 +80,11 @@ def _block_k(group: int) -> int:
     return min(64, group)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+
+
 def wo_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
               bits: int, group_size: int | None, in_features: int, bias: torch.Tensor | None = None,
               split_k: int | None = None) -> torch.Tensor:
@@ -104,8 +111,7 @@ def wo_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: 
         block_m, block_n = 16, 64
         if split_k is None:
             tiles = triton.cdiv(n, block_n)
-            sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 2
-            split_k = max(1, min(triton.cdiv(k, 4 * block_k), triton.cdiv(2 * sms, tiles)))
+            split_k = max(1, min(triton.cdiv(k, 4 * block_k), triton.cdiv(2 * _sm_count(x.device), tiles)))
     else:
         block_m, block_n = 64, 64
         split_k = split_k or 1

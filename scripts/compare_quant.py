@@ -13,8 +13,10 @@ run too.
 "size" is all model tensors in memory (embeddings stay float32 in every row).
 
 Usage:
-    python scripts/compare_quant.py [--model smollm2-135m] [--calib-blocks 64] [--max-tokens 8192]
-        [--only rtn-g64,gptq-g64] [--update] [--out benchmarks/results/cpu] [--overwrite]
+    python scripts/compare_quant.py [--model smollm2-135m] [--calib-blocks 64] [--max-tokens 4096]
+        [--only rtn-g64,gptq-g64] [--update | --resume] [--out benchmarks/results/cpu] [--overwrite]
+
+The result files are rewritten after every row; ``--resume`` continues an interrupted run.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 import slmkit
 from slmkit import AWQConfig, EvalConfig, GPTQConfig, RTNConfig, SmoothQuantConfig
 from slmkit.bench import (environment, finish, markdown_header, markdown_table, merge_rows, previous_rows, result_files,
-                          script_parser, selected_variants)
+                          script_parser, selected_variants, write_results)
 from slmkit.models.arch import block_linears, blocks
 
 GRID = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0]
@@ -87,17 +89,19 @@ def bnb_model(model_path: str, key: str):
 
 def main(argv=None) -> int:
     parser = script_parser(__doc__, quality=True)
-    parser.set_defaults(max_tokens=8192)
+    parser.set_defaults(max_tokens=4096)
     parser.add_argument("--only", default="", help="comma-separated variant keys: " + ", ".join(VARIANTS))
     parser.add_argument("--update", action="store_true",
                         help="measure only the --only variants and replace or add their rows in the existing result")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run: keep the rows the result already has, measure the rest")
     args = parser.parse_args(argv)
     have_bnb = importlib.util.find_spec("bitsandbytes") is not None
     try:
         keys = selected_variants(args.only, VARIANTS)
-        files = result_files(args.out, "smollm2-quantization-comparison", args.overwrite or args.update)
+        files = result_files(args.out, "smollm2-quantization-comparison", args.overwrite or args.update or args.resume)
         previous = previous_rows(
-            files[0], args.update,
+            files[0], args.update or args.resume,
             lambda old: (old["model"], old["calibration"]["blocks"], old["max_tokens"]) == (args.model, args.calib_blocks, args.max_tokens),
             "model, calibration or evaluation length")
         evals = {name: EvalConfig(source=source, max_tokens=args.max_tokens, seq_len=1024)
@@ -108,6 +112,8 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
+    if args.resume:  # rows already measured stay; the rest are measured now
+        keys = [key for key in keys if key not in {row["key"] for row in previous}]
     rows, notes = [], []
     generated = None
     for key in keys:
@@ -136,22 +142,30 @@ def main(argv=None) -> int:
         print(f"{label}: " + ", ".join(f"{d} ppl {row[d]['perplexity']:.3f}" for d in DOMAINS), flush=True)
         rows.append(row)
         del model
+        write(files, args, evals, merge_rows(previous, rows), notes, keys, bool(previous), quiet=True)  # after every row
     if importlib.util.find_spec("llmcompressor") is None:
         notes.append("llm-compressor is not installed here, so its recipes are not in this table (pip install "
                      "llmcompressor and re-run to add them).")
+    return write(files, args, evals, merge_rows(previous, rows), notes, keys, bool(previous))
 
-    if previous:
-        rows = merge_rows(previous, rows)
+
+def write(files, args, evals, rows, notes, keys, partial_update: bool, quiet: bool = False) -> int:
+    """Write (and unless ``quiet`` print) the result so far: JSON + Markdown, in the table's order."""
     order = list(VARIANTS)
-    rows.sort(key=lambda row: order.index(row["key"]))
+    rows = sorted(rows, key=lambda row: order.index(row["key"]))
+    if not rows:
+        return 0
     result = {**environment(), "model": args.model, "max_tokens": args.max_tokens,
               "calibration": {"blocks": args.calib_blocks, "block_len": 512, "split": "calib"},
               "domains": {d: {"source": s, "about": a} for d, (s, a) in DOMAINS.items()},
               "evaluation": {d: c.to_dict() for d, c in evals.items()}, "rows": rows, "notes": notes}
-    if previous:
+    missing = [key for key in VARIANTS if key not in {row["key"] for row in rows}]
+    if missing:
+        result["not_measured"] = missing
+    if partial_update:
         result["updated_rows"] = keys
     lines = markdown_header(result, f"Quantization of {args.model}: quality against the float32 model in two domains")
-    if previous:
+    if partial_update:
         lines += [f"Rows measured by this command: {', '.join(keys)}; the others come from the earlier run.", ""]
     first = rows[0]
     lines += [f"Calibration: {args.calib_blocks} × 512 tokens of the embedded corpus's calib split. Held-out: "
@@ -171,8 +185,13 @@ def main(argv=None) -> int:
                       f"{report['kl_mean']:.4f}", f"{100 * report['top1_agreement']:.2f}%"]
         table.append(cells)
     lines += markdown_table(header, table)
+    if missing:
+        notes = notes + [f"Not measured (yet): {', '.join(missing)}."]
     if notes:
         lines += ["", *(f"- {note}" for note in notes)]
+    if quiet:
+        write_results(files, result, "\n".join(lines) + "\n")
+        return 0
     return finish(files, result, lines)
 
 
