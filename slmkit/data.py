@@ -22,6 +22,9 @@ Sources (a string everywhere a source is asked for):
   (a ``text`` column);
 - a Hugging Face dataset: ``"hf:NAME[:CONFIG][:SPLIT]"``, e.g. ``"hf:wikitext:wikitext-2-raw-v1:test"``
   (needs the hub, or the dataset in the local cache).
+
+For calibration only: ``"generated"`` (text the model writes itself, data-free) and mixes of sources
+joined by ``+``, e.g. ``"embedded+generated"`` (see :func:`calibration_blocks`).
 """
 
 from __future__ import annotations
@@ -142,9 +145,9 @@ def load_texts(source: str = "embedded", split: str = "calib") -> list[str]:
         texts = [_read_text(p) for p in embedded_files(split)]
     elif source == "python-docs":
         texts = python_docs_texts(split)
-    elif source == "generated":
-        raise SlmkitError("source 'generated' (text the model writes) serves calibration only: "
-                          "use it as a recipe's calibration source or slmkit.calib_data(model, source='generated')")
+    elif source == "generated" or source_parts(source) != [source]:
+        raise SlmkitError(f"source {source!r} (text the model writes, or a '+' mix) serves calibration only: "
+                          f"use it as a recipe's calibration source or slmkit.calib_data(model, source={source!r})")
     elif source.startswith("hf:"):
         texts = _hf_dataset_texts(source)
     else:
@@ -227,7 +230,7 @@ def token_blocks(tokenizer, config: DataConfig, texts: list[str] | None = None) 
     return pack_blocks(stream, config.block_len, config.num_blocks, config.sampling, config.seed)
 
 
-def generated_blocks(model, n: int, seq_len: int, seed: int = 0, batch_size: int = 16,
+def generated_blocks(model, n: int, seq_len: int, seed: int = 0, batch_size: int = 32,
                      greedy_tokens: int = 4) -> torch.Tensor:
     """Data-free calibration (LLM-QAT, Liu et al., 2023): ``n`` sequences of ``seq_len`` tokens the model writes.
 
@@ -269,26 +272,64 @@ def generated_blocks(model, n: int, seq_len: int, seed: int = 0, batch_size: int
     return torch.cat(sequences)
 
 
+def source_parts(source: str) -> list[str]:
+    """The sources of a calibration mix: ``"embedded+generated"`` → ``["embedded", "generated"]``.
+
+    A single source (including a file path that exists, even one with a ``+`` in its name) is a list of one.
+    """
+    if "+" not in source or Path(source).expanduser().is_file():
+        return [source]
+    parts = [part.strip() for part in source.split("+")]
+    if not all(parts):
+        raise SlmkitError(f"calibration source {source!r}: empty part in a '+' mix (e.g. 'embedded+generated')")
+    return parts
+
+
+def load_calibration_texts(config: DataConfig) -> dict[str, list[str]]:
+    """The documents of each text source in ``config.source`` (a mix's parts; 'generated' needs none),
+    read once and checked, so that bad input fails before any model work."""
+    return {part: load_texts(part, config.split) for part in source_parts(config.source) if part != "generated"}
+
+
+def calibration_blocks(model, config: DataConfig, texts: dict[str, list[str]] | None = None) -> torch.Tensor:
+    """Calibration token blocks (num_blocks, block_len) for ``model`` as ``config`` says.
+
+    ``config.source`` is a text source, ``"generated"`` (text the model writes, :func:`generated_blocks`),
+    or a mix joined by ``+``: ``"embedded+generated"`` takes half the blocks from each (the first parts get
+    one more when the count does not divide), in that order. ``texts``: the documents from
+    :func:`load_calibration_texts` when the caller already read them.
+    """
+    from slmkit.models.record import get_record
+
+    parts = source_parts(config.source)
+    texts = texts if texts is not None else load_calibration_texts(config)
+    blocks = []
+    for index, part in enumerate(parts):
+        count = config.num_blocks // len(parts) + (index < config.num_blocks % len(parts))
+        if count == 0:
+            continue
+        if part == "generated":
+            blocks.append(generated_blocks(model, count, config.block_len, config.seed))
+        else:
+            part_config = dataclasses.replace(config, source=part, num_blocks=count)
+            blocks.append(token_blocks(get_record(model).tokenizer, part_config, texts[part]))
+    return torch.cat(blocks)
+
+
 def calib_data(model, n: int = 128, seq_len: int = 512, source: str = "embedded", seed: int = 0):
     """Calibration blocks for ``model``: ``n`` blocks of ``seq_len`` tokens from ``source``.
 
-    ``source`` is any text source (random blocks of its "calib" split), or ``"generated"``: text the
-    model writes itself (data-free; see :func:`generated_blocks`).
+    ``source`` is any text source (random blocks of its "calib" split), ``"generated"``: text the model
+    writes itself (data-free; see :func:`generated_blocks`), or a ``+`` mix of them such as
+    ``"embedded+generated"`` (the blocks split evenly), which keeps a single domain from dominating.
 
     Example:
         >>> calib = slmkit.calib_data(model, n=128)   # (128, 512) token ids from the calibration split
         >>> calib = slmkit.calib_data(model, n=64, source="generated")   # the model's own text
+        >>> calib = slmkit.calib_data(model, n=64, source="embedded+generated")   # 32 blocks of each
     """
-    from slmkit.models.record import get_record
-
-    if source == "generated":
-        try:
-            DataConfig(num_blocks=n, block_len=seq_len, seed=seed)
-        except ConfigError as error:
-            raise SlmkitError(f"calib_data: {error}") from None
-        return generated_blocks(model, n, seq_len, seed)
     try:
         config = DataConfig(source=source, split="calib", num_blocks=n, block_len=seq_len, seed=seed)
     except ConfigError as error:
         raise SlmkitError(f"calib_data: {error}") from None
-    return token_blocks(get_record(model).tokenizer, config)
+    return calibration_blocks(model, config)

@@ -4,7 +4,8 @@ A recipe file (YAML) looks like::
 
     model: smollm2-135m            # any load_model source
     calibration: {num_blocks: 64, block_len: 512}   # a DataConfig (calibration split by default;
-                                                    # source: generated = text the model writes)
+                                                    # source: generated = text the model writes,
+                                                    # embedded+generated = half of each)
     evaluation: {max_tokens: 16384, seq_len: 1024}  # an EvalConfig, or null to skip
     steps:
       - smoothquant: {alpha: 0.5}
@@ -30,7 +31,7 @@ import yaml
 
 from slmkit._files import ensure_new
 from slmkit.config import BaseConfig, ConfigError, StepContext, apply_step, config_from_step, lookup
-from slmkit.data import DataConfig, generated_blocks, load_texts, token_blocks
+from slmkit.data import DataConfig, calibration_blocks, load_calibration_texts, load_texts
 from slmkit.errors import SlmkitError
 from slmkit.eval import EvalConfig, EvalReport, evaluate
 from slmkit.models.checkpoint import save
@@ -148,10 +149,10 @@ def _wait_for_everyone() -> None:
     PartialState().wait_for_everyone()
 
 
-def _check_texts(recipe: Recipe) -> list[str] | None:
+def _check_texts(recipe: Recipe) -> dict[str, list[str]] | None:
     """Fail before any model work when the calibration or evaluation text is missing or empty.
 
-    Returns the calibration documents (None when no step calibrates), so they are read only once.
+    Returns the calibration documents per source (None when no step calibrates), so they are read only once.
     """
     if recipe.evaluation is not None:
         load_texts(recipe.evaluation.source, recipe.evaluation.split)
@@ -159,8 +160,8 @@ def _check_texts(recipe: Recipe) -> list[str] | None:
         for text in (getattr(step, "data", None), getattr(step, "eval", None)):
             if text is not None:
                 load_texts(text.source, text.split)
-    if any(lookup(step).needs_calibration for step in recipe.steps) and recipe.calibration.source != "generated":
-        return load_texts(recipe.calibration.source, recipe.calibration.split)
+    if any(lookup(step).needs_calibration for step in recipe.steps):
+        return load_calibration_texts(recipe.calibration)
     return None
 
 
@@ -207,11 +208,7 @@ def run_recipe(recipe: Recipe | str | os.PathLike, output: str | os.PathLike | N
             continue
         start = time.perf_counter()
         if lookup(step).needs_calibration and calib is None:
-            if recipe.calibration.source == "generated":  # data-free: the model writes its own calibration text
-                cal = recipe.calibration
-                calib = generated_blocks(current, cal.num_blocks, cal.block_len, cal.seed)
-            else:
-                calib = token_blocks(get_record(current).tokenizer, recipe.calibration, calib_texts)
+            calib = calibration_blocks(current, recipe.calibration, calib_texts)
         print(f"slmkit: step {index + 1}/{len(recipe.steps)}: {step.name} {json.dumps(step.to_dict())}")
         # a step with its own resumable state (distillation) keeps it under the partial directory
         work_dir = partial / f"step-{index + 1}-{step.name}" if partial is not None else None

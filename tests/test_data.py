@@ -120,3 +120,34 @@ def test_generated_calibration_is_the_models_own_text_and_reproducible():
         from slmkit.data import load_texts
 
         load_texts("generated")
+
+
+def test_calibration_mix_splits_the_blocks_between_its_sources(smollm2_tokenizer):
+    from slmkit.data import DataConfig, calib_data, calibration_blocks, load_texts, source_parts, token_blocks
+    from slmkit.models.record import get_record
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama", vocab_size=len(smollm2_tokenizer))
+    get_record(model).tokenizer = smollm2_tokenizer
+    mixed = calib_data(model, n=5, seq_len=16, source="python-docs+generated", seed=2)
+    assert mixed.shape == (5, 16)
+    docs = token_blocks(smollm2_tokenizer, DataConfig(source="python-docs", num_blocks=3, block_len=16, seed=2))
+    assert torch.equal(mixed[:3], docs)  # the first part gets the odd block
+    assert torch.equal(mixed[3:], calib_data(model, n=2, seq_len=16, source="generated", seed=2))
+    config = DataConfig(source="generated+python-docs", num_blocks=1, block_len=16)
+    assert torch.equal(calibration_blocks(model, config), calib_data(model, n=1, seq_len=16, source="generated"))
+    assert source_parts("embedded") == ["embedded"] and source_parts("a + b") == ["a", "b"]
+    with pytest.raises(SlmkitError, match="empty part"):
+        calib_data(model, n=2, seq_len=16, source="embedded+")
+    with pytest.raises(SlmkitError, match="no such text file"):
+        calib_data(model, n=2, seq_len=16, source="embedded+missing.txt")
+    with pytest.raises(SlmkitError, match="calibration only"):
+        load_texts("embedded+generated")
+
+
+def test_a_file_with_a_plus_in_its_name_is_one_source(tmp_path):
+    from slmkit.data import source_parts
+
+    path = tmp_path / "c++.txt"
+    path.write_text("int main() {}")
+    assert source_parts(str(path)) == [str(path)]

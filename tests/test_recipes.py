@@ -87,6 +87,29 @@ def test_run_evaluates_and_saves(tiny_dir, tmp_path):
     assert "perplexity" in result.table()
 
 
+def test_mixed_calibration_source_feeds_the_step_and_bad_parts_fail_first(tiny_dir, tmp_path, monkeypatch):
+    model_dir, text = tiny_dir
+    data = _recipe(model_dir, text, [{"gptq": {"group_size": 16}}])
+    data["calibration"]["source"] = f"{text}+generated"
+    seen = {}
+    real = slmkit.recipes.apply_step
+
+    def spy(model, step, calib, **kwargs):
+        seen["calib"] = calib
+        return real(model, step, calib, **kwargs)
+
+    monkeypatch.setattr(slmkit.recipes, "apply_step", spy)
+    run_recipe(Recipe.from_dict(data))
+    assert seen["calib"].shape == (4, 32)
+    from slmkit.data import calib_data
+
+    model = slmkit.load_model(model_dir)
+    assert torch.equal(seen["calib"][2:], calib_data(model, n=2, seq_len=32, source="generated"))
+    data["calibration"]["source"] = f"{tmp_path / 'missing.txt'}+generated"
+    with pytest.raises(SlmkitError, match="no such text file"):
+        run_recipe(Recipe.from_dict(data))
+
+
 def test_interrupted_run_resumes_after_the_last_finished_step(tiny_dir, tmp_path):
     model_dir, text = tiny_dir
     recipe = Recipe.from_dict(_recipe(model_dir, text, [{"smoothquant": {}}, {"test_flaky": {}}]))
