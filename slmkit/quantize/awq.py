@@ -24,7 +24,7 @@ from slmkit.models.arch import block_linears, fold_groups, get_spec, weight_out_
 from slmkit.models.record import get_record
 from slmkit.quantize.base import (CalibratedWeightQuantConfig, quantize_targets, replace_with_weight_only,
                                   require_unquantized)
-from slmkit.quantize.groupwise import fake_quantize, group_params, num_groups, quantize_codes
+from slmkit.quantize.groupwise import fake_quantize, group_params, quantize_codes, search_clip
 from slmkit.quantize.smoothquant import expand_heads, fold_scales, group_heads
 
 
@@ -57,18 +57,6 @@ def output_error(diff: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     return ((diff @ gram) * diff).sum()
 
 
-def group_output_errors(diff: torch.Tensor, gram: torch.Tensor, group_size: int | None) -> torch.Tensor:
-    """Output error per (row, group), (out, G): each group's columns against its diagonal block of the Gram."""
-    width = diff.shape[1]
-    size = width if group_size is None else group_size
-    errors = []
-    for start in range(0, width, size):
-        block = slice(start, min(start + size, width))
-        d = diff[:, block]
-        errors.append(((d @ gram[block, block]) * d).sum(dim=1))
-    return torch.stack(errors, dim=1)
-
-
 def awq_scales(act_mean: torch.Tensor, alpha: float, kv_group: int = 1, head_dim: int = 0
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """(source scale, target scale) for strength ``alpha``: ``mean|x|^α`` normalised to geometric-mean 1.
@@ -95,21 +83,6 @@ def search_alpha(weights: list[torch.Tensor], gram: torch.Tensor, act_mean: torc
         errors.append(float(error))
     best = min(range(grid), key=errors.__getitem__)
     return best / grid, errors
-
-
-def search_clip(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
-                max_shrink: float, grid: int) -> torch.Tensor:
-    """Clipping ratio per (row, group), (out, G), minimising each group's output error."""
-    w = weight.float()
-    best_error = torch.full((w.shape[0], num_groups(w.shape[1], group_size)), float("inf"), device=w.device)
-    best_ratio = torch.ones_like(best_error)
-    for step in range(grid):
-        ratio = 1.0 - max_shrink * step / grid
-        errors = group_output_errors(w - fake_quantize(w, bits, group_size, symmetric, ratio), gram, group_size)
-        better = errors < best_error
-        best_error = torch.where(better, errors, best_error)
-        best_ratio = torch.where(better, torch.full_like(best_ratio, ratio), best_ratio)
-    return best_ratio
 
 
 # --- model walking -------------------------------------------------------------------------------

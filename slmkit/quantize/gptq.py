@@ -8,6 +8,9 @@ with ``H = 2 XᵀX / n`` from the calibration inputs of the layer (:func:`slmkit
   the natural column order. With ``act_order`` the columns are visited by decreasing ``H_jj`` (most
   active inputs first); the groups then stay the natural contiguous ones ("static groups", computed
   from the original weight up front), so the packed format and the kernels need no column index.
+- Clipping search (``clip``, on by default): the up-front scales (static groups, or per channel) shrink
+  each (row, group)'s range by the ratio whose rounding error ``tr(D H Dᵀ)`` is lowest, as AWQ's clip
+  search does, before the column walk starts.
 - Dampening: ``damp · mean(diag H)`` is added to the diagonal. A Hessian that is still not positive
   definite gets ten times more, up to four times, each with a warning; past that the layer falls back
   to round-to-nearest with a warning, never a crash.
@@ -22,12 +25,12 @@ import torch
 from torch import nn
 
 from slmkit import calib as calibration
-from slmkit.config import check_range, check_type, register
+from slmkit.config import ConfigError, check_range, check_type, register
 from slmkit.models.arch import get_spec, weight_out_in
 from slmkit.models.record import get_record
 from slmkit.quantize.base import (CalibratedWeightQuantConfig, quantize_targets, replace_with_weight_only,
                                   require_unquantized)
-from slmkit.quantize.groupwise import SCALE_DTYPE, group_params, qrange
+from slmkit.quantize.groupwise import SCALE_DTYPE, group_params, qrange, search_clip
 
 _DAMP_RETRIES = 4
 
@@ -41,12 +44,24 @@ class GPTQConfig(CalibratedWeightQuantConfig):
     block_size: int = 128  # columns per lazy batch update
     damp: float = 0.01  # added to the Hessian diagonal, as a fraction of its mean
     act_order: bool = True  # visit columns by decreasing activation energy (static groups)
+    # Static group scales (act_order, or per channel) from a clipping search: per (row, group) the ratio
+    # of the range, down to 1 - max_shrink, whose rounding error through the Hessian is lowest. On
+    # SmolLM2 W4 g128 it took the perplexity rise from +15.7% to +11.9% on the calibration domain and
+    # from +45.2% to +29.6% on another (python-docs).
+    clip: bool = True
+    max_shrink: float = 0.2
+    clip_grid: int = 20
 
     def __post_init__(self):
         super().__post_init__()
         check_range("block_size", self.block_size, 1, 1 << 16, int)
         check_range("damp", self.damp, 0.0, 10.0)
         check_type("act_order", self.act_order, bool)
+        check_type("clip", self.clip, bool)
+        check_range("max_shrink", self.max_shrink, 0.0, 0.95)
+        check_range("clip_grid", self.clip_grid, 1, 1000, int)
+        if self.clip and self.max_shrink == 0:
+            raise ConfigError("max_shrink must be > 0 when clip is on (or set clip: false)")
 
 
 # --- pure math -----------------------------------------------------------------------------------
@@ -77,10 +92,12 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float, what: str = "laye
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int | None,
                   symmetric: bool, block_size: int = 128, damp: float = 0.01, act_order: bool = True,
-                  what: str = "layer", scale_dtype: torch.dtype = SCALE_DTYPE
+                  what: str = "layer", scale_dtype: torch.dtype = SCALE_DTYPE,
+                  clip: tuple[float, int] | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict]:
     """GPTQ one (out, in) weight against ``hessian`` (in, in), any positive scale of XᵀX.
     ``scale_dtype``: dtype of the returned scales (float16 for weight-only, float32 for W8A8).
+    ``clip``: (max_shrink, grid) of a clipping search for the up-front (static or per-channel) scales.
 
     Returns (codes int8 (out, in), scale (out, G), zero (out, G) or None, info) where info has the damp
     used and ``fallback`` (True when the Hessian could not be factored and RTN was used instead).
@@ -94,7 +111,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     w[:, dead] = 0.0
     static = act_order and group_size is not None
     if static or group_size is None:  # parameters fixed up front (per channel: from the whole row)
-        fixed_scale, fixed_zero = group_params(w, bits, group_size, symmetric, scale_dtype=scale_dtype)
+        ratio = 1.0 if clip is None else search_clip(w, h, bits, group_size, symmetric, *clip)
+        fixed_scale, fixed_zero = group_params(w, bits, group_size, symmetric, ratio, scale_dtype=scale_dtype)
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols)
     w, h = w[:, perm], h[perm][:, perm]
     factored = inverse_hessian_factor(h, damp, what)
@@ -164,7 +182,8 @@ def gptq(model: nn.Module, config: GPTQConfig, calib: torch.Tensor) -> nn.Module
                 path = f"{spec.layers}.{layer.index}.{name}"
                 codes, scale, zero, info = gptq_quantize(
                     weight_out_in(targets[name]), gram * (2.0 / count), config.bits, config.group_size,
-                    config.symmetric, config.block_size, config.damp, config.act_order, what=path)
+                    config.symmetric, config.block_size, config.damp, config.act_order, what=path,
+                    clip=(config.max_shrink, config.clip_grid) if config.clip else None)
                 if info["fallback"]:
                     fallbacks.append(path)
                 replace_with_weight_only(model, layer.index, layer.block, name, codes, scale, zero, config)

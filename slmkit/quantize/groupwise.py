@@ -100,6 +100,34 @@ def fake_quantize(weight: torch.Tensor, bits: int, group_size: int | None, symme
     return dequantize(quantize_codes(weight, scale, zero, bits, group_size), scale, zero, group_size)
 
 
+def group_output_errors(diff: torch.Tensor, gram: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """Output error per (row, group), (out, G): each group's columns against its diagonal block of the Gram."""
+    width = diff.shape[1]
+    size = width if group_size is None else group_size
+    errors = []
+    for start in range(0, width, size):
+        block = slice(start, min(start + size, width))
+        d = diff[:, block]
+        errors.append(((d @ gram[block, block]) * d).sum(dim=1))
+    return torch.stack(errors, dim=1)
+
+
+def search_clip(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
+                max_shrink: float, grid: int) -> torch.Tensor:
+    """Clipping ratio per (row, group), (out, G), minimising each group's output error through ``gram``
+    (XᵀX for AWQ's and GPTQ's searches), over ratios ``1, 1 - max_shrink/grid, ..., 1 - max_shrink·(grid-1)/grid``."""
+    w = weight.float()
+    best_error = torch.full((w.shape[0], num_groups(w.shape[1], group_size)), float("inf"), device=w.device)
+    best_ratio = torch.ones_like(best_error)
+    for step in range(grid):
+        ratio = 1.0 - max_shrink * step / grid
+        errors = group_output_errors(w - fake_quantize(w, bits, group_size, symmetric, ratio), gram, group_size)
+        better = errors < best_error
+        best_error = torch.where(better, errors, best_error)
+        best_ratio = torch.where(better, torch.full_like(best_ratio, ratio), best_ratio)
+    return best_ratio
+
+
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     """int8 codes (out, in) in [-8, 7] → uint8 (out, ceil(in / 2)), two codes a byte (low nibble first)."""
     unsigned = (codes.to(torch.int16) + 8).to(torch.uint8)

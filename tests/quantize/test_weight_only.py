@@ -12,9 +12,9 @@ from slmkit.config import ConfigError
 from slmkit.errors import SlmkitError
 from slmkit.models.arch import block_linears, blocks, weight_out_in
 from slmkit.quantize import AWQConfig, GPTQConfig, RTNConfig, SmoothQuantConfig, quantize
-from slmkit.quantize.awq import awq_scales, group_output_errors, output_error, search_alpha
+from slmkit.quantize.awq import awq_scales, output_error, search_alpha
 from slmkit.quantize.gptq import gptq_quantize
-from slmkit.quantize.groupwise import dequantize, group_params, quantize_codes
+from slmkit.quantize.groupwise import dequantize, group_output_errors, group_params, quantize_codes
 from slmkit.quantize.linear import WeightOnlyLinear
 from tests.conftest import FAMILIES, random_tokens, tiny_model
 
@@ -71,6 +71,21 @@ def test_gptq_reduces_output_error_on_correlated_inputs_with_and_without_act_ord
         gptq = dequantize(codes, scale, zero, group_size)
         assert output_error(weight - gptq, hessian) < 0.2 * output_error(weight - rtn, hessian)
         assert info == {"damp": 0.01, "fallback": False}
+
+
+def test_gptq_clip_search_lowers_the_output_error_of_static_groups():
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(1000, 128, generator=generator) * torch.rand(128, generator=generator)
+    weight = torch.randn(32, 128, generator=generator)
+    weight[:, ::17] *= 6  # a few large weights per group make max-based scales coarse
+    hessian = 2 * x.t() @ x / x.shape[0]
+    errors = {}
+    for clip in (None, (0.5, 20)):
+        codes, scale, zero, _ = gptq_quantize(weight, hessian, 4, 32, True, 32, 0.01, True, clip=clip)
+        errors[clip] = output_error(weight - dequantize(codes, scale, zero, 32), hessian)
+        if clip is not None:
+            assert (scale.float() < group_params(weight, 4, 32, True)[0].float() - 1e-3).any()  # some groups clipped
+    assert errors[(0.5, 20)] < 0.9 * errors[None]
 
 
 def test_gptq_damps_a_singular_hessian_and_falls_back_with_warnings():
@@ -169,6 +184,13 @@ def test_bad_configs_fail_clearly(fields, message):
     for config_class in (RTNConfig, GPTQConfig, AWQConfig):
         with pytest.raises(ConfigError, match=message):
             config_class.from_dict(fields)
+
+
+@pytest.mark.parametrize("config_class", [GPTQConfig, AWQConfig])
+def test_clip_search_needs_room_to_shrink(config_class):
+    with pytest.raises(ConfigError, match="max_shrink must be > 0 when clip is on"):
+        config_class(clip=True, max_shrink=0.0)
+    config_class(clip=False, max_shrink=0.0)
 
 
 def test_quantizing_twice_is_refused_before_any_work():
