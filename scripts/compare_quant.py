@@ -1,13 +1,17 @@
 """Compare quantization methods on held-out text of two domains; print a table, write JSON + Markdown.
 
-Every variant is calibrated on the same blocks of the embedded corpus (Shakespeare and Milton) and
-evaluated against the float model on the same windows of (a) the corpus's held-out works (the
-calibration domain) and (b) Python's reference documentation (modern English prose, ``python-docs``).
+Every variant is calibrated on the same blocks of the embedded corpus (Shakespeare and Milton), unless its
+row says "mixed" (half those blocks, half text the model writes itself: ``embedded+generated``) or
+"generated", and evaluated against the float model on the same windows of (a) the corpus's held-out works
+(the calibration domain) and (b) Python's reference documentation (modern English prose, ``python-docs``).
 Rows: W8A8 (plain, SmoothQuant alpha 0.5, SmoothQuant with the per-site alpha search + GPTQ), W8A16,
-W4A16 at group 128 and 64 by RTN, GPTQ and AWQ, GPTQ calibrated on the model's own generated text, and
+W4A16 at group 128 and 64 by RTN, GPTQ and AWQ, GPTQ with mixed and with generated calibration, and
 the bitsandbytes baselines LLM.int8() and NF4 (via transformers' BitsAndBytesConfig; rows skipped with a
-note when bitsandbytes is not installed). When ``llmcompressor`` is installed its W8A8 and W4A16 recipes
-run too.
+note when bitsandbytes is not installed). When ``llmcompressor`` is installed its recipes run on the same
+calibration blocks too (SmoothQuant 0.8 + GPTQ W8A8, and W4A16 g64 by RTN, GPTQ and AWQ): each result is
+saved in llm-compressor's compressed-tensors format and read back with ``slmkit.load_model``, so its
+size and bits are counted like slmkit's. llm-compressor 0.14 pins transformers <= 5.17, so it runs in its
+own environment: ``pip install llmcompressor==0.14.0.1 -e .`` in a fresh venv, then run this script there.
 
 "bits/weight" counts everything stored for the block linears (codes, scales, zero points) per weight;
 "size" is all model tensors in memory (embeddings stay float32 in every row).
@@ -22,8 +26,10 @@ The result files are rewritten after every row; ``--resume`` continues an interr
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import importlib.util
 import sys
+import tempfile
 import time
 
 import torch
@@ -37,23 +43,39 @@ from slmkit.models.arch import block_linears, blocks
 GRID = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0]
 DOMAINS = {"shakespeare": ("embedded", "held-out works of the calibration corpus (Hamlet, Paradise Regained)"),
            "python-docs": ("python-docs", "Python's reference documentation: modern English prose")}
+MIX = "embedded+generated"  # half the calibration blocks from the corpus, half written by the model
+# key: (label, config or baseline library, calibration source)
 VARIANTS = {
-    "w8a8-plain": ("W8A8, no smoothing", SmoothQuantConfig(smoothing=False)),
-    "w8a8-sq": ("W8A8 SmoothQuant alpha 0.5", SmoothQuantConfig(alpha=0.5)),
-    "w8a8-sq-search-gptq": ("W8A8 SmoothQuant alpha search + GPTQ", SmoothQuantConfig(alpha_grid=GRID, weight_method="gptq")),
-    "w8a16-rtn": ("W8A16 RTN per channel", RTNConfig(scheme="W8A16", group_size=None)),
-    "rtn-g128": ("W4A16 g128 RTN", RTNConfig(group_size=128)),
-    "gptq-g128": ("W4A16 g128 GPTQ", GPTQConfig(group_size=128)),
-    "awq-g128": ("W4A16 g128 AWQ", AWQConfig(group_size=128)),
-    "rtn-g64": ("W4A16 g64 RTN", RTNConfig(group_size=64)),
-    "gptq-g64": ("W4A16 g64 GPTQ", GPTQConfig(group_size=64)),
-    "awq-g64": ("W4A16 g64 AWQ", AWQConfig(group_size=64)),
-    "rtn-g64-asym": ("W4A16 g64 RTN, asymmetric", RTNConfig(group_size=64, symmetric=False)),
-    "gptq-g64-asym": ("W4A16 g64 GPTQ, asymmetric", GPTQConfig(group_size=64, symmetric=False)),
-    "gptq-g64-generated": ("W4A16 g64 GPTQ, calibrated on generated text", GPTQConfig(group_size=64)),
-    "bnb-int8": ("bitsandbytes LLM.int8()", None),
-    "bnb-nf4": ("bitsandbytes NF4 (blocksize 64)", None),
+    "w8a8-plain": ("W8A8, no smoothing", SmoothQuantConfig(smoothing=False), "embedded"),
+    "w8a8-sq": ("W8A8 SmoothQuant alpha 0.5", SmoothQuantConfig(alpha=0.5), "embedded"),
+    "w8a8-sq-search-gptq": ("W8A8 SmoothQuant alpha search + GPTQ",
+                            SmoothQuantConfig(alpha_grid=GRID, weight_method="gptq"), "embedded"),
+    "w8a8-sq-search-gptq-mix": ("W8A8 SmoothQuant alpha search + GPTQ, mixed calibration",
+                                SmoothQuantConfig(alpha_grid=GRID, weight_method="gptq"), MIX),
+    "w8a8-sq-search-gptq-mix-fp2": ("W8A8 SmoothQuant alpha search + GPTQ, mixed calibration, 2% of weights float",
+                                    SmoothQuantConfig(alpha_grid=GRID, weight_method="gptq", float_budget=0.02), MIX),
+    "w8a16-rtn": ("W8A16 RTN per channel", RTNConfig(scheme="W8A16", group_size=None), "embedded"),
+    "rtn-g128": ("W4A16 g128 RTN", RTNConfig(group_size=128), "embedded"),
+    "gptq-g128": ("W4A16 g128 GPTQ", GPTQConfig(group_size=128), "embedded"),
+    "gptq-g128-mix": ("W4A16 g128 GPTQ, mixed calibration", GPTQConfig(group_size=128), MIX),
+    "awq-g128": ("W4A16 g128 AWQ", AWQConfig(group_size=128), "embedded"),
+    "rtn-g64": ("W4A16 g64 RTN", RTNConfig(group_size=64), "embedded"),
+    "gptq-g64": ("W4A16 g64 GPTQ", GPTQConfig(group_size=64), "embedded"),
+    "gptq-g64-mix": ("W4A16 g64 GPTQ, mixed calibration", GPTQConfig(group_size=64), MIX),
+    "gptq-g64-generated": ("W4A16 g64 GPTQ, calibrated on generated text", GPTQConfig(group_size=64), "generated"),
+    "awq-g64": ("W4A16 g64 AWQ", AWQConfig(group_size=64), "embedded"),
+    "rtn-g64-asym": ("W4A16 g64 RTN, asymmetric", RTNConfig(group_size=64, symmetric=False), "embedded"),
+    "gptq-g64-asym": ("W4A16 g64 GPTQ, asymmetric", GPTQConfig(group_size=64, symmetric=False), "embedded"),
+    "bnb-int8": ("bitsandbytes LLM.int8()", "bitsandbytes", None),
+    "bnb-nf4": ("bitsandbytes NF4 (blocksize 64)", "bitsandbytes", None),
+    "llmc-w8a8-sq-gptq": ("llm-compressor SmoothQuant 0.8 + GPTQ W8A8", "llmcompressor", "embedded"),
+    "llmc-rtn-g64": ("llm-compressor W4A16 g64 RTN", "llmcompressor", None),
+    "llmc-gptq-g64": ("llm-compressor W4A16 g64 GPTQ", "llmcompressor", "embedded"),
+    "llmc-awq-g64": ("llm-compressor W4A16 g64 AWQ", "llmcompressor", "embedded"),
 }
+# Not run by default: the asymmetric rows, and mixed precision, whose sensitivity pass (210 single-linear
+# KL measurements) takes about 17 minutes on a 2-core CPU.
+DEFAULT_VARIANTS = [key for key in VARIANTS if key not in ("gptq-g64-asym", "rtn-g64-asym", "w8a8-sq-search-gptq-mix-fp2")]
 
 
 def linear_bits_per_weight(model) -> float:
@@ -87,18 +109,48 @@ def bnb_model(model_path: str, key: str):
                                                 device_map="cpu").eval()
 
 
+def llmc_model(reference, key: str, calib: torch.Tensor, workdir: str):
+    """``reference`` quantized by llm-compressor's recipe for ``key`` on ``calib``, saved compressed and
+    read back with slmkit.load_model (so its tensors are the real packed ones)."""
+    import datasets
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+    from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
+
+    w4_g64 = {"group_0": QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
+        num_bits=4, type="int", symmetric=True, strategy="group", group_size=64))}
+    recipe = {
+        "llmc-w8a8-sq-gptq": lambda: [SmoothQuantModifier(smoothing_strength=0.8),
+                                      GPTQModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"])],
+        "llmc-rtn-g64": lambda: [QuantizationModifier(config_groups=w4_g64, ignore=["lm_head"])],
+        "llmc-gptq-g64": lambda: [GPTQModifier(config_groups=w4_g64, ignore=["lm_head"])],
+        "llmc-awq-g64": lambda: [AWQModifier(), QuantizationModifier(config_groups=w4_g64, ignore=["lm_head"])],
+    }[key]()
+    model = copy.deepcopy(reference)
+    tokenizer = slmkit.models.record.get_record(reference).tokenizer
+    dataset = datasets.Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
+    oneshot(model=model, tokenizer=tokenizer, dataset=dataset, recipe=recipe, max_seq_length=calib.shape[1],
+            num_calibration_samples=calib.shape[0])
+    path = f"{workdir}/{key}"
+    model.save_pretrained(path, save_compressed=True)
+    tokenizer.save_pretrained(path)
+    return slmkit.load_model(path)
+
+
 def main(argv=None) -> int:
     parser = script_parser(__doc__, quality=True)
     parser.set_defaults(max_tokens=4096)
-    parser.add_argument("--only", default="", help="comma-separated variant keys: " + ", ".join(VARIANTS))
+    parser.add_argument("--only", default="", help="comma-separated variant keys (default: all but the asymmetric "
+                        "and mixed-precision ones): " + ", ".join(VARIANTS))
     parser.add_argument("--update", action="store_true",
                         help="measure only the --only variants and replace or add their rows in the existing result")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted run: keep the rows the result already has, measure the rest")
     args = parser.parse_args(argv)
-    have_bnb = importlib.util.find_spec("bitsandbytes") is not None
     try:
-        keys = selected_variants(args.only, VARIANTS)
+        keys = selected_variants(args.only, VARIANTS) if args.only else list(DEFAULT_VARIANTS)
         files = result_files(args.out, "smollm2-quantization-comparison", args.overwrite or args.update or args.resume)
         previous = previous_rows(
             files[0], args.update or args.resume,
@@ -107,7 +159,7 @@ def main(argv=None) -> int:
         evals = {name: EvalConfig(source=source, max_tokens=args.max_tokens, seq_len=1024)
                  for name, (source, _) in DOMAINS.items()}
         reference = slmkit.load_model(args.model)
-        calib = slmkit.calib_data(reference, n=args.calib_blocks, seq_len=512)
+        calibrations = {"embedded": slmkit.calib_data(reference, n=args.calib_blocks, seq_len=512)}
     except slmkit.SlmkitError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -115,37 +167,46 @@ def main(argv=None) -> int:
     if args.resume:  # rows already measured stay; the rest are measured now
         keys = [key for key in keys if key not in {row["key"] for row in previous}]
     rows, notes = [], []
-    generated = None
+    missing_packages = {}
+    workdir = tempfile.TemporaryDirectory(prefix="compare-quant-")
     for key in keys:
-        label, config = VARIANTS[key]
-        if config is None and not have_bnb:
-            notes.append(f"{label}: skipped, bitsandbytes is not installed (pip install 'slmkit[bnb]').")
+        label, config, source = VARIANTS[key]
+        if isinstance(config, str) and importlib.util.find_spec(config) is None:
+            missing_packages.setdefault(config, []).append(key)
             continue
+        if source is not None and source not in calibrations:  # written by the model: made once, not timed
+            calibrations[source] = slmkit.calib_data(reference, n=args.calib_blocks, seq_len=512, source=source)
+        calib = calibrations.get(source)
         start = time.perf_counter()
-        if config is None:
-            model = bnb_model(str(reference.config._name_or_path), key)
+        if isinstance(config, str):  # a baseline library's failure is its row's note, not the end of the run
+            try:
+                if config == "bitsandbytes":
+                    model = bnb_model(str(reference.config._name_or_path), key)
+                else:
+                    model = llmc_model(reference, key, calibrations["embedded"], workdir.name)
+            except Exception as error:  # noqa: BLE001 - any error of the other library
+                first = (str(error).strip().splitlines() or [""])[0]
+                notes.append(f"{label}: not measured, {config} failed here: {type(error).__name__}: {first}")
+                print(f"{label}: {config} failed: {type(error).__name__}: {first}", file=sys.stderr, flush=True)
+                continue
         else:
             model = copy.deepcopy(reference)
-            data = calib
-            if key.endswith("-generated"):
-                if generated is None:
-                    generated = slmkit.calib_data(reference, n=args.calib_blocks, seq_len=512, source="generated")
-                data = generated
-            slmkit.quantize(model, config, calib=data)
+            slmkit.quantize(model, config, calib=calib)
         seconds = time.perf_counter() - start
-        row = {"key": key, "variant": label, "config": None if config is None else {config.name: config.to_dict()},
+        row = {"key": key, "variant": label, "calibration_source": source,
+               "config": {"baseline": config} if isinstance(config, str) else {config.name: config.to_dict()},
                "quantize_seconds": seconds, "bits_per_weight": linear_bits_per_weight(model)}
         for index, (domain, eval_config) in enumerate(evals.items()):
-            if config is None and index:  # bitsandbytes 0.50's CPU 4-bit weights break once state_dict() ran
+            if config == "bitsandbytes" and index:  # bitsandbytes 0.50's CPU 4-bit weights break once state_dict() ran
                 model = bnb_model(str(reference.config._name_or_path), key)
             row[domain] = slmkit.evaluate(model, reference=reference, config=eval_config).to_dict()
         print(f"{label}: " + ", ".join(f"{d} ppl {row[d]['perplexity']:.3f}" for d in DOMAINS), flush=True)
         rows.append(row)
         del model
         write(files, args, evals, merge_rows(previous, rows), notes, keys, bool(previous), quiet=True)  # after every row
-    if importlib.util.find_spec("llmcompressor") is None:
-        notes.append("llm-compressor is not installed here, so its recipes are not in this table (pip install "
-                     "llmcompressor and re-run to add them).")
+    for package, skipped in missing_packages.items():
+        notes.append(f"{', '.join(skipped)}: not measured, {package} is not installed here "
+                     f"({'pip install slmkit[bnb]' if package == 'bitsandbytes' else 'see this script docstring'}).")
     return write(files, args, evals, merge_rows(previous, rows), notes, keys, bool(previous))
 
 
@@ -164,11 +225,22 @@ def write(files, args, evals, rows, notes, keys, partial_update: bool, quiet: bo
         result["not_measured"] = missing
     if partial_update:
         result["updated_rows"] = keys
+    baselines = {}
+    for package in ("bitsandbytes", "llmcompressor", "compressed-tensors"):
+        try:
+            baselines[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    result["versions"].update(baselines)
     lines = markdown_header(result, f"Quantization of {args.model}: quality against the float32 model in two domains")
+    if baselines:
+        lines += ["Baseline libraries: " + ", ".join(f"{name} {version}" for name, version in baselines.items()) + ".", ""]
     if partial_update:
         lines += [f"Rows measured by this command: {', '.join(keys)}; the others come from the earlier run.", ""]
     first = rows[0]
-    lines += [f"Calibration: {args.calib_blocks} × 512 tokens of the embedded corpus's calib split. Held-out: "
+    lines += [f"Calibration: {args.calib_blocks} × 512 tokens of the embedded corpus's calib split (Shakespeare and "
+              f"Milton), except: \"generated\" rows use {args.calib_blocks} blocks the model wrote itself, \"mixed\" "
+              f"rows half of each (`calib_data(source=\"{MIX}\")`). Held-out: "
               + "; ".join(f"{first[d]['tokens']:,} tokens of {a} ({d})" for d, (_, a) in DOMAINS.items())
               + ", in 1024-token windows.", ""]
     header = ["model", "bits/weight", "size", "time"]
