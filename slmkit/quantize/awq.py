@@ -19,34 +19,30 @@ import torch
 from torch import nn
 
 from slmkit import calib as calibration
-from slmkit.config import ConfigError, check_range, check_type, register
+from slmkit.config import check_range, register
 from slmkit.models.arch import block_linears, fold_groups, get_spec, weight_out_in
 from slmkit.models.record import get_record
-from slmkit.quantize.base import (CalibratedWeightQuantConfig, quantize_targets, replace_with_weight_only,
+from slmkit.quantize.base import (CalibratedWeightQuantConfig, ClipSearchFields, quantize_targets, replace_with_weight_only,
                                   require_unquantized)
 from slmkit.quantize.groupwise import fake_quantize, group_params, quantize_codes, search_clip
 from slmkit.quantize.smoothquant import expand_heads, fold_scales, group_heads
 
 
 @dataclasses.dataclass
-class AWQConfig(CalibratedWeightQuantConfig):
+class AWQConfig(ClipSearchFields, CalibratedWeightQuantConfig):
     """AWQ weight-only quantization: ``AWQConfig(scheme="W4A16", group_size=128)``."""
 
     name = "awq"
 
     grid: int = 20  # strengths tried per fold site: α = 0, 1/grid, ..., (grid-1)/grid
-    clip: bool = True  # search a clipping ratio per (row, group) after scaling
-    max_shrink: float = 0.5  # smallest clipping ratio tried is 1 - max_shrink
-    clip_grid: int = 20  # clipping ratios tried
+    # clip / clip_grid (ClipSearchFields): after scaling, a clipping ratio per (row, group), down to
+    # 1 - max_shrink, by the lowest output error
+    max_shrink: float = 0.5
 
     def __post_init__(self):
         super().__post_init__()
         check_range("grid", self.grid, 1, 1000, int)
-        check_type("clip", self.clip, bool)
-        check_range("max_shrink", self.max_shrink, 0.0, 0.95)
-        check_range("clip_grid", self.clip_grid, 1, 1000, int)
-        if self.clip and self.max_shrink == 0:
-            raise ConfigError("max_shrink must be > 0 when clip is on (or set clip: false)")
+        self.check_clip_search()
 
 
 # --- pure math -----------------------------------------------------------------------------------

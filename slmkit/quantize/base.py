@@ -9,7 +9,8 @@ import re
 import torch
 from torch import nn
 
-from slmkit.config import BaseConfig, ConfigError, LayerwiseFields, check_choice, check_regexes, check_type, lookup
+from slmkit.config import (BaseConfig, ConfigError, LayerwiseFields, check_choice, check_range, check_regexes,
+                           check_type, lookup)
 from slmkit.errors import SlmkitError
 from slmkit.models.arch import block_linears, blocks, get_spec, set_module
 from slmkit.models.record import get_record
@@ -57,6 +58,27 @@ class CalibratedWeightQuantConfig(LayerwiseFields, WeightQuantConfig):
     def __post_init__(self):
         super().__post_init__()
         self.check_layerwise()
+
+
+@dataclasses.dataclass
+class ClipSearchFields:
+    """Fields of the quantizers that search a clipping ratio per (row, group) of each weight (GPTQ, AWQ).
+
+    Mixed in first (``class C(ClipSearchFields, CalibratedWeightQuantConfig)``); a config may redeclare
+    ``max_shrink`` with its own default. Its ``__post_init__`` calls :meth:`check_clip_search`.
+    """
+
+    clip: bool = True  # search a clipping ratio per (row, group) of the range
+    max_shrink: float = 0.2  # the smallest ratio tried is 1 - max_shrink
+    clip_grid: int = 20  # ratios tried
+
+    def check_clip_search(self) -> None:
+        """Validate the clipping search fields."""
+        check_type("clip", self.clip, bool)
+        check_range("max_shrink", self.max_shrink, 0.0, 0.95)
+        check_range("clip_grid", self.clip_grid, 1, 1000, int)
+        if self.clip and self.max_shrink == 0:
+            raise ConfigError("max_shrink must be > 0 when clip is on (or set clip: false)")
 
 
 def quantize_targets(model: nn.Module, index: int, block: nn.Module, skip: list[str]) -> dict[str, nn.Module]:

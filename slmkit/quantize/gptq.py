@@ -25,10 +25,10 @@ import torch
 from torch import nn
 
 from slmkit import calib as calibration
-from slmkit.config import ConfigError, check_range, check_type, register
+from slmkit.config import check_range, check_type, register
 from slmkit.models.arch import get_spec, weight_out_in
 from slmkit.models.record import get_record
-from slmkit.quantize.base import (CalibratedWeightQuantConfig, quantize_targets, replace_with_weight_only,
+from slmkit.quantize.base import (CalibratedWeightQuantConfig, ClipSearchFields, quantize_targets, replace_with_weight_only,
                                   require_unquantized)
 from slmkit.quantize.groupwise import SCALE_DTYPE, group_params, qrange, search_clip
 
@@ -36,7 +36,7 @@ _DAMP_RETRIES = 4
 
 
 @dataclasses.dataclass
-class GPTQConfig(CalibratedWeightQuantConfig):
+class GPTQConfig(ClipSearchFields, CalibratedWeightQuantConfig):
     """GPTQ weight-only quantization: ``GPTQConfig(scheme="W4A16", group_size=128, act_order=True)``."""
 
     name = "gptq"
@@ -44,24 +44,18 @@ class GPTQConfig(CalibratedWeightQuantConfig):
     block_size: int = 128  # columns per lazy batch update
     damp: float = 0.01  # added to the Hessian diagonal, as a fraction of its mean
     act_order: bool = True  # visit columns by decreasing activation energy (static groups)
-    # Static group scales (act_order, or per channel) from a clipping search: per (row, group) the ratio
-    # of the range, down to 1 - max_shrink, whose rounding error through the Hessian is lowest. On
-    # SmolLM2 W4 g128 it took the perplexity rise from +15.7% to +11.9% on the calibration domain and
-    # from +45.2% to +29.5% on another (python-docs).
-    clip: bool = True
-    max_shrink: float = 0.2
-    clip_grid: int = 20
+    # clip / max_shrink / clip_grid (ClipSearchFields): the static group scales (act_order, or per
+    # channel) come from a clipping search: per (row, group) the ratio of the range, down to
+    # 1 - max_shrink, whose rounding error through the Hessian is lowest. On SmolLM2 W4 g128 it took the
+    # perplexity rise from +15.7% to +11.9% on the calibration domain and from +45.2% to +29.5% on
+    # another (python-docs).
 
     def __post_init__(self):
         super().__post_init__()
         check_range("block_size", self.block_size, 1, 1 << 16, int)
         check_range("damp", self.damp, 0.0, 10.0)
         check_type("act_order", self.act_order, bool)
-        check_type("clip", self.clip, bool)
-        check_range("max_shrink", self.max_shrink, 0.0, 0.95)
-        check_range("clip_grid", self.clip_grid, 1, 1000, int)
-        if self.clip and self.max_shrink == 0:
-            raise ConfigError("max_shrink must be > 0 when clip is on (or set clip: false)")
+        self.check_clip_search()
 
 
 # --- pure math -----------------------------------------------------------------------------------

@@ -167,6 +167,38 @@ def test_weight_method_is_validated():
         SmoothQuantConfig(weight_method="awq")
 
 
+def _sensitivity_by_full_forwards(model, tokens):
+    """The definition layer_sensitivity computes faster: quantize one linear, run the whole model, KL."""
+    result = {}
+    with torch.no_grad():
+        reference = torch.log_softmax(model(input_ids=tokens, use_cache=False).logits.float(), dim=-1)
+        for index, block in enumerate(arch.blocks(model)):
+            for name, module in list(arch.block_linears(model, block)):
+                arch.set_module(block, name, W8A8Linear.from_float(arch.weight_out_in(module), module.bias, "dynamic"))
+                logits = torch.log_softmax(model(input_ids=tokens, use_cache=False).logits.float(), dim=-1)
+                arch.set_module(block, name, module)
+                result[f"{arch.get_spec(model).layers}.{index}.{name}"] = float((reference.exp() * (reference - logits)).sum(-1).mean())
+    return result
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sensitivity_with_recorded_prefix_matches_full_forwards(family):
+    from slmkit.quantize.smoothquant import layer_sensitivity
+
+    model = tiny_model(family)
+    tokens = random_tokens(2, 24, seed=5)
+    with torch.no_grad():
+        before = model(tokens).logits
+    fast = layer_sensitivity(model, tokens)
+    slow = _sensitivity_by_full_forwards(model, tokens)
+    assert fast.keys() == slow.keys()
+    assert all(abs(fast[p] - max(slow[p], 0.0)) <= 1e-5 + 1e-3 * slow[p] for p in slow), (fast, slow)
+    assert max(slow.values()) > 0
+    with torch.no_grad():  # every block is back in place and unchanged
+        assert torch.equal(model(tokens).logits, before)
+    assert not any(type(b).__name__ == "_RecordedOutput" for b in arch.blocks(model))
+
+
 def test_mixed_precision_keeps_the_most_sensitive_linears_in_float_within_budget():
     from slmkit.quantize.smoothquant import keep_in_float, layer_sensitivity
 
