@@ -127,6 +127,79 @@ def test_alpha_search_picks_from_grid_and_beats_a_bad_fixed_alpha():
         assert error(searched) < error(fixed)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_block_search_inputs_are_the_first_sequences_of_the_batch(family):
+    from slmkit.quantize.smoothquant import _block_output, block_search_inputs
+
+    model = tiny_model(family)
+    layer = next(calibration.layerwise(model, random_tokens(4, 24, seed=2), batch_size=4))
+    with torch.no_grad():
+        full = _block_output(layer.block, (layer.hidden_states[0], layer.extra_args[0], layer.kwargs[0]))
+        inputs = block_search_inputs(layer, 48)  # two whole 24-token sequences
+        assert inputs[0].shape[0] == 2
+        torch.testing.assert_close(_block_output(layer.block, inputs), full[:2], rtol=1e-5, atol=1e-5)
+        assert block_search_inputs(layer, 10_000)[0].shape[0] == 4
+
+
+def test_block_objective_search_restores_the_block_and_lowers_its_output_error():
+    from slmkit.quantize.smoothquant import _block_output, block_search_inputs, search_alphas_by_block_output
+
+    model = _outlier_model()
+    config = SmoothQuantConfig(alpha_grid=[0.0, 0.25, 0.5, 0.75, 1.0], search_tokens=64, search_objective="block")
+    layer = next(calibration.layerwise(model, random_tokens(8, 32), batch_size=8))
+    linears = dict(arch.block_linears(model, layer.block))
+    stats = calibration.observe_inputs(layer, linears, calibration.combine(
+        calibration.abs_max_reduce, calibration.row_sampler(64, 8 * 32)))
+    abs_max, samples = {n: s[0] for n, s in stats.items()}, {n: s[1] for n, s in stats.items()}
+    before = {k: v.clone() for k, v in layer.block.state_dict().items()}
+    alphas = search_alphas_by_block_output(model, layer, abs_max, samples, config)
+    after = layer.block.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert set(alphas) == set(FOLD_SITES) and all(a in config.alpha_grid for a in alphas.values())
+    inputs = block_search_inputs(layer, 64)
+
+    def block_error(chosen):
+        block = copy.deepcopy(layer.block)
+        smodel = copy.deepcopy(model)
+        arch.set_module(smodel, "model.layers.0", block)
+        amax = dict(abs_max)
+        with torch.no_grad():
+            reference = _block_output(block, inputs)
+            smooth_block(smodel, block, amax, SmoothQuantConfig(), alphas=chosen)
+            for name, module in list(arch.block_linears(smodel, block)):
+                arch.set_module(block, name, W8A8Linear.from_float(module.weight, module.bias, "dynamic"))
+            return float((_block_output(block, inputs) - reference).pow(2).sum())
+
+    linear_choice = SmoothQuantConfig(alpha_grid=config.alpha_grid, search_tokens=64)
+    start = dict(abs_max)
+    copy_model = copy.deepcopy(model)
+    linear_alphas = smooth_block(copy_model, arch.blocks(copy_model)[0], start, linear_choice, samples)
+    assert block_error(alphas) <= block_error(linear_alphas)
+    assert block_error(alphas) < block_error({site: 0.0 for site in FOLD_SITES})
+
+
+def test_block_objective_end_to_end_beats_no_smoothing():
+    reference = _outlier_model()
+    tokens, test_tokens = random_tokens(8, 32), random_tokens(4, 32, seed=9)
+    model = copy.deepcopy(reference)
+    slmkit.quantize(model, SmoothQuantConfig(alpha_grid=[0.0, 0.5, 0.8], search_tokens=64, search_objective="block",
+                                             weight_method="gptq"), calib=tokens)
+    plain = copy.deepcopy(reference)
+    slmkit.quantize(plain, SmoothQuantConfig(smoothing=False), calib=tokens)
+    with torch.no_grad():
+        ref = reference(test_tokens).logits
+        error = lambda m: (m(test_tokens).logits - ref).pow(2).mean().item()  # noqa: E731
+        assert error(model) < 0.5 * error(plain)
+    assert all(a in (0.0, 0.5, 0.8) for site in model.slmkit.metrics["smoothquant_alpha"].values() for a in site.values())
+
+
+def test_search_objective_is_validated():
+    from slmkit.config import ConfigError
+
+    with pytest.raises(ConfigError, match="search_objective must be one of"):
+        SmoothQuantConfig(search_objective="model")
+
+
 def test_output_error_is_zero_for_exactly_representable_values():
     from slmkit.quantize.smoothquant import w8a8_output_error
 
