@@ -22,8 +22,8 @@ from slmkit import calib as calibration
 from slmkit.config import check_range, register
 from slmkit.models.arch import block_linears, fold_groups, get_spec, weight_out_in
 from slmkit.models.record import get_record
-from slmkit.quantize.base import (CalibratedWeightQuantConfig, ClipSearchFields, quantize_targets, replace_with_weight_only,
-                                  require_unquantized)
+from slmkit.quantize.base import (CalibratedWeightQuantConfig, ClipSearchFields, quantize_targets,
+                                  replace_with_weight_only, require_unquantized)
 from slmkit.quantize.groupwise import fake_quantize, group_params, quantize_codes, search_clip
 from slmkit.quantize.smoothquant import expand_heads, fold_scales, group_heads
 

@@ -28,8 +28,8 @@ from slmkit import calib as calibration
 from slmkit.config import check_range, check_type, register
 from slmkit.models.arch import get_spec, weight_out_in
 from slmkit.models.record import get_record
-from slmkit.quantize.base import (CalibratedWeightQuantConfig, ClipSearchFields, quantize_targets, replace_with_weight_only,
-                                  require_unquantized)
+from slmkit.quantize.base import (CalibratedWeightQuantConfig, ClipSearchFields, quantize_targets,
+                                  replace_with_weight_only, require_unquantized)
 from slmkit.quantize.groupwise import SCALE_DTYPE, group_params, qrange, search_clip
 
 _DAMP_RETRIES = 4

@@ -278,8 +278,9 @@ def search_alphas_by_block_output(model: nn.Module, layer: calibration.LayerCali
                 linears = list(block_linears(model, block))
                 try:
                     for name, module in linears:
-                        set_module(block, name, W8A8Linear.from_float(weight_out_in(module), getattr(module, "bias", None),
-                                                                      config.activations, abs_max.get(name)))
+                        quantized = W8A8Linear.from_float(weight_out_in(module), getattr(module, "bias", None),
+                                                          config.activations, abs_max.get(name))
+                        set_module(block, name, quantized)
                     return float((_block_output(block, inputs) - reference).pow(2).sum())
                 finally:
                     for name, module in linears:
