@@ -40,12 +40,15 @@ class LayerCalibration:
 
     def run(self) -> list[torch.Tensor]:
         """Run the block on every captured batch and return its output hidden states."""
-        outputs = []
         with torch.no_grad():
-            for hidden, args, kwargs in zip(self.hidden_states, self.extra_args, self.kwargs):
-                out = self.block(hidden, *args, **kwargs)
-                outputs.append(out[0] if isinstance(out, (tuple, list)) else out)
-        return outputs
+            return [run_block(self.block, hidden, args, kwargs)
+                    for hidden, args, kwargs in zip(self.hidden_states, self.extra_args, self.kwargs)]
+
+
+def run_block(block: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+    """The output hidden states of ``block`` on one captured batch (blocks may return a tuple)."""
+    out = block(hidden, *args, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def _move_shell(model: nn.Module, skip: nn.Module, device: torch.device) -> None:

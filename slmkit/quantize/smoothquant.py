@@ -177,6 +177,14 @@ def _site_scales(group: FoldGroup, act_abs_max: torch.Tensor, alpha: float) -> t
     return scale, scale
 
 
+def _site_inputs(group: FoldGroup, names: dict[int, str],
+                 input_abs_max: dict[str, torch.Tensor]) -> tuple[list[str], torch.Tensor]:
+    """A fold site's target names (``names``: id(module) → block-relative name) and their input's max |x|."""
+    target_names = [names[id(t)] for t in group.targets]
+    act = torch.stack([input_abs_max[n] for n in target_names]).amax(dim=0)  # same input for all
+    return target_names, act
+
+
 def best_alpha(group: FoldGroup, act_abs_max: torch.Tensor, samples: torch.Tensor, config: SmoothQuantConfig) -> float:
     """The strength from ``config.alpha_grid`` with the lowest summed relative output error of the targets."""
     errors = []
@@ -204,8 +212,7 @@ def smooth_block(model: nn.Module, block: nn.Module, input_abs_max: dict[str, to
     for group in fold_groups(model, block):
         if group.name not in config.fold_sites:
             continue
-        target_names = [names[id(t)] for t in group.targets]
-        act = torch.stack([input_abs_max[n] for n in target_names]).amax(dim=0)  # same input for all
+        target_names, act = _site_inputs(group, names, input_abs_max)
         alpha = config.alpha
         if alphas is not None and group.name in alphas:
             alpha = alphas[group.name]
@@ -241,12 +248,6 @@ def block_search_inputs(layer: calibration.LayerCalibration, tokens: int) -> tup
             {key: _batch_rows(value, rows, batch) for key, value in kwargs.items()})
 
 
-def _block_output(block: nn.Module, inputs: tuple[torch.Tensor, tuple, dict]) -> torch.Tensor:
-    hidden, args, kwargs = inputs
-    out = block(hidden, *args, **kwargs)
-    return (out[0] if isinstance(out, (tuple, list)) else out).float()
-
-
 def search_alphas_by_block_output(model: nn.Module, layer: calibration.LayerCalibration,
                                   input_abs_max: dict[str, torch.Tensor], samples: dict[str, torch.Tensor],
                                   config: SmoothQuantConfig) -> dict[str, float]:
@@ -262,14 +263,13 @@ def search_alphas_by_block_output(model: nn.Module, layer: calibration.LayerCali
     groups = [g for g in fold_groups(model, block) if g.name in config.fold_sites]
     alphas = {}
     for group in groups:
-        target_names = [names[id(t)] for t in group.targets]
-        act = torch.stack([input_abs_max[n] for n in target_names]).amax(dim=0)
+        target_names, act = _site_inputs(group, names, input_abs_max)
         alphas[group.name] = best_alpha(group, act, samples[target_names[0]], config)
     inputs = block_search_inputs(layer, config.search_tokens)
     saved = {key: value.clone() for key, value in block.state_dict().items()}
     fixed = dataclasses.replace(config, alpha_grid=None)
     with torch.no_grad():
-        reference = _block_output(block, inputs)
+        reference = calibration.run_block(block, *inputs).float()
 
         def error(trial: dict[str, float]) -> float:
             abs_max = dict(input_abs_max)
@@ -281,7 +281,7 @@ def search_alphas_by_block_output(model: nn.Module, layer: calibration.LayerCali
                         quantized = W8A8Linear.from_float(weight_out_in(module), getattr(module, "bias", None),
                                                           config.activations, abs_max.get(name))
                         set_module(block, name, quantized)
-                    return float((_block_output(block, inputs) - reference).pow(2).sum())
+                    return float((calibration.run_block(block, *inputs).float() - reference).pow(2).sum())
                 finally:
                     for name, module in linears:
                         set_module(block, name, module)

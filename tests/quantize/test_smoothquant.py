@@ -129,20 +129,20 @@ def test_alpha_search_picks_from_grid_and_beats_a_bad_fixed_alpha():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_block_search_inputs_are_the_first_sequences_of_the_batch(family):
-    from slmkit.quantize.smoothquant import _block_output, block_search_inputs
+    from slmkit.quantize.smoothquant import block_search_inputs
 
     model = tiny_model(family)
     layer = next(calibration.layerwise(model, random_tokens(4, 24, seed=2), batch_size=4))
     with torch.no_grad():
-        full = _block_output(layer.block, (layer.hidden_states[0], layer.extra_args[0], layer.kwargs[0]))
+        full = calibration.run_block(layer.block, layer.hidden_states[0], layer.extra_args[0], layer.kwargs[0])
         inputs = block_search_inputs(layer, 48)  # two whole 24-token sequences
         assert inputs[0].shape[0] == 2
-        torch.testing.assert_close(_block_output(layer.block, inputs), full[:2], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(calibration.run_block(layer.block, *inputs), full[:2], rtol=1e-5, atol=1e-5)
         assert block_search_inputs(layer, 10_000)[0].shape[0] == 4
 
 
 def test_block_objective_search_restores_the_block_and_lowers_its_output_error():
-    from slmkit.quantize.smoothquant import _block_output, block_search_inputs, search_alphas_by_block_output
+    from slmkit.quantize.smoothquant import block_search_inputs, search_alphas_by_block_output
 
     model = _outlier_model()
     config = SmoothQuantConfig(alpha_grid=[0.0, 0.25, 0.5, 0.75, 1.0], search_tokens=64, search_objective="block")
@@ -164,11 +164,11 @@ def test_block_objective_search_restores_the_block_and_lowers_its_output_error()
         arch.set_module(smodel, "model.layers.0", block)
         amax = dict(abs_max)
         with torch.no_grad():
-            reference = _block_output(block, inputs)
+            reference = calibration.run_block(block, *inputs).float()
             smooth_block(smodel, block, amax, SmoothQuantConfig(), alphas=chosen)
             for name, module in list(arch.block_linears(smodel, block)):
                 arch.set_module(block, name, W8A8Linear.from_float(module.weight, module.bias, "dynamic"))
-            return float((_block_output(block, inputs) - reference).pow(2).sum())
+            return float((calibration.run_block(block, *inputs).float() - reference).pow(2).sum())
 
     linear_choice = SmoothQuantConfig(alpha_grid=config.alpha_grid, search_tokens=64)
     start = dict(abs_max)
