@@ -1,6 +1,7 @@
 """Layer-by-layer calibration: capture the inputs of block 0, then walk the blocks one at a time.
 
-Calibration-based transforms (SmoothQuant today; GPTQ, AWQ, Wanda, SparseGPT later) share this walk::
+Calibration-based transforms (SmoothQuant, GPTQ, AWQ, Wanda, SparseGPT, activation importance) share
+this walk::
 
     for layer in calib.layerwise(model, tokens):
         stats = calib.input_abs_max(layer, dict(arch.block_linears(model, layer.block)))
@@ -9,6 +10,8 @@ Calibration-based transforms (SmoothQuant today; GPTQ, AWQ, Wanda, SparseGPT lat
 
 Only one block (plus the captured activations) is on the calibration device at a time, so a model that
 does not fit on the device can still be calibrated on it: peak device memory ≈ one block + activations.
+Each block gets the masks and position embeddings the model's own forward passes it (they differ per
+block where layers alternate attention types), captured once up front.
 """
 
 from __future__ import annotations
@@ -25,18 +28,30 @@ from slmkit.models.arch import blocks
 
 
 class _StopForward(Exception):
-    """Raised by the hook on block 0 once its inputs are captured."""
+    """Raised by the stand-in for the last block once every block's inputs are captured."""
 
 
 @dataclasses.dataclass
 class LayerCalibration:
-    """One block during the walk, with the inputs it receives for every calibration batch."""
+    """One block during the walk, with the inputs it receives for every calibration batch.
+
+    ``extra_args`` and ``kwargs`` are the ones the model hands *this* block: families whose layers
+    alternate attention types (Gemma-2's sliding and full layers, Qwen2's sliding-window layers) pass
+    each block its own mask, so they are captured per block (``per_block``) and switched by :meth:`at`.
+    """
 
     index: int
     block: nn.Module
     hidden_states: list[torch.Tensor]  # one (B, T, hidden) tensor per batch
     extra_args: list[tuple]  # positional arguments after hidden_states, per batch
     kwargs: list[dict[str, Any]]  # keyword arguments (position embeddings, masks...), per batch
+    per_block: list[tuple[list[tuple], list[dict[str, Any]]]] = dataclasses.field(default_factory=list, repr=False)
+
+    def at(self, index: int, block: nn.Module) -> None:
+        """Point at block ``index`` (``block``), with the arguments the model passes that block."""
+        self.index, self.block = index, block
+        if self.per_block:
+            self.extra_args, self.kwargs = self.per_block[index]
 
     def run(self) -> list[torch.Tensor]:
         """Run the block on every captured batch and return its output hidden states."""
@@ -59,24 +74,58 @@ def _move_shell(model: nn.Module, skip: nn.Module, device: torch.device) -> None
             module._apply(lambda t: t.to(device), recurse=False)
 
 
+class _InputProbe(nn.Module):
+    """Stands in for a block during capture: records the arguments the model passes it, runs nothing.
+
+    It returns its input hidden states unchanged (only block 0's are kept: later stand-ins record just
+    the arguments, which the model computes before its loop) and answers attribute lookups it cannot
+    (``attention_type``...) from the block it stands in for. The stand-in for the last block stops the
+    forward, so neither the final norm nor the head runs.
+    """
+
+    def __init__(self, block: nn.Module, record: Callable[[tuple, dict], None], last: bool):
+        super().__init__()
+        object.__setattr__(self, "_block", block)  # not a submodule: moving the probe moves nothing
+        self._record, self._last = record, last
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_block"), name)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self._record((hidden_states, *args), kwargs)
+        if self._last:
+            raise _StopForward
+        return hidden_states
+
+
 def capture_block_inputs(
     model: nn.Module, tokens: torch.Tensor, batch_size: int, device: torch.device
 ) -> LayerCalibration:
-    """Run the model up to block 0 on every batch of ``tokens``; return block 0's inputs."""
+    """Run the model's forward on every batch of ``tokens`` with its blocks stood in for; return block 0's
+    inputs, with the arguments (masks, position embeddings...) the model passes each block in ``per_block``.
+
+    No block runs: each is replaced by an :class:`_InputProbe` for the capture and put back after.
+    """
     layers = blocks(model)
-    first = layers[0]
-    captured = LayerCalibration(0, first, [], [], [])
+    captured = LayerCalibration(0, layers[0], [], [], [], per_block=[([], []) for _ in layers])
 
-    def hook(module, args, kwargs):
-        captured.hidden_states.append(args[0].detach())
-        captured.extra_args.append(tuple(args[1:]))
-        captured.kwargs.append(dict(kwargs))
-        raise _StopForward
+    def recorder(index):
+        def record(args, kwargs):
+            if index == 0:
+                captured.hidden_states.append(args[0].detach())
+            captured.per_block[index][0].append(tuple(args[1:]))
+            captured.per_block[index][1].append(dict(kwargs))
 
+        return record
+
+    originals = list(layers)
     _move_shell(model, layers, device)
-    first.to(device)
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
     try:
+        for index, block in enumerate(originals):
+            layers[index] = _InputProbe(block, recorder(index), last=index == len(originals) - 1)
         with torch.no_grad():
             for start in range(0, tokens.shape[0], batch_size):
                 batch = tokens[start : start + batch_size].to(device)  # (B, T)
@@ -85,7 +134,9 @@ def capture_block_inputs(
                 except _StopForward:
                     pass
     finally:
-        handle.remove()
+        for index, block in enumerate(originals):
+            layers[index] = block
+    captured.at(0, originals[0])
     return captured
 
 
@@ -117,7 +168,7 @@ def layerwise(
     for index in tqdm(range(len(layers)), desc=desc, unit="block"):
         block = layers[index]
         block.to(device)
-        layer.index, layer.block = index, block
+        layer.at(index, block)
         yield layer
         layer.hidden_states = layer.run()  # the changed block's outputs feed the next block
         if device != home:

@@ -12,19 +12,21 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # kernels run on the CPU interpr
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2")
 
 
-def tiny_config(family: str, vocab_size: int = 256):
-    """A small config of the real class for ``family`` (2 layers, GQA where the family has it)."""
+def tiny_config(family: str, vocab_size: int = 256, **overrides):
+    """A small config of the real class for ``family`` (2 layers, GQA where the family has it);
+    ``overrides`` are more config arguments (e.g. ``sliding_window``)."""
     import transformers
 
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     if family == "gpt2":
-        return transformers.GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=256)
+        return transformers.GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=256,
+                                       **overrides)
     classes = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
                "gemma": "GemmaConfig", "gemma2": "Gemma2Config", "phi3": "Phi3Config"}
     extra = {"gemma": dict(head_dim=16), "gemma2": dict(head_dim=16), "qwen3": dict(head_dim=16),
              "phi3": dict(pad_token_id=0)}
-    return getattr(transformers, classes[family])(**common, **extra.get(family, {}))
+    return getattr(transformers, classes[family])(**{**common, **extra.get(family, {}), **overrides})
 
 
 def tiny_model(family: str, seed: int = 0, vocab_size: int = 256):
