@@ -27,6 +27,7 @@ import torch
 
 import slmkit
 from slmkit.bench import environment, finish, markdown_header, markdown_table, result_files, script_parser
+from slmkit.bench.models import bench_model
 from slmkit.models.arch import block_linears, blocks, weight_out_in
 from slmkit.prune import MagnitudePruneConfig, prune, to_semi_structured
 
@@ -100,7 +101,8 @@ def bench_model(model, batch: int, prompt: int, new_tokens: int) -> dict:
 def main(argv=None) -> int:
     parser = script_parser(__doc__)
     parser.set_defaults(out="benchmarks/results/h100")
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="any load_model source, or random:smollm2-135m / random:llama-1b (random weights)")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     parser.add_argument("--tokens", default="1,16,128,2048", help="token counts (M) for the linear benchmark")
     parser.add_argument("--shapes", default="4096x4096,4096x11008,11008x4096",
@@ -120,7 +122,7 @@ def main(argv=None) -> int:
         return 2
 
     dtype = getattr(torch, args.dtype)
-    model = slmkit.load_model(args.model, dtype=dtype, device="cuda")
+    model = bench_model(args.model, dtype, "cuda")
     prune(model, MagnitudePruneConfig(n_m="2:4"))
     own = sorted({tuple(weight_out_in(m).shape[::-1]) for _, m in block_linears(model, blocks(model)[0])})
     linear_rows = bench_linears(list(own) + [s for s in extra if s not in own], tokens, dtype)

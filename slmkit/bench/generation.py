@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from slmkit.bench.models import bench_model
 from slmkit.bench.results import environment, markdown_header, markdown_table, result_files, write_results
 from slmkit.errors import SlmkitError
 from slmkit.eval.report import peak_memory_bytes, weight_bytes
@@ -292,8 +293,6 @@ def main(argv: list[str] | None = None) -> int:
     """``slmkit bench generate``: parse arguments, run, print the table, write JSON + Markdown (+ PNG)."""
     import argparse
 
-    from slmkit.models.loading import load_model
-
     parser = argparse.ArgumentParser(
         prog="slmkit bench generate", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__,
@@ -301,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
                "  slmkit bench generate smollm2-135m --shapes 128/128,512/256,2048/128 --batch 1,8,32,64 --device cuda\n"
                "  slmkit bench generate random:llama-1b --device cuda --baselines hf-eager   # random weights, real config\n"
                "  slmkit bench generate smollm2-135m --shapes 32/16 --batch 1,4 --out /tmp/bench   # CPU, slow")
-    parser.add_argument("model", help="any load_model source, or random:llama-1b (random weights of a 1.2B Llama config)")
+    parser.add_argument("model", help="any load_model source, or random:llama-1b / random:smollm2-135m (random "
+                                      "weights of that real shape)")
     parser.add_argument("--shapes", default="128/128,512/256,2048/128", help="PROMPT/OUTPUT lengths, comma separated")
     parser.add_argument("--batch", default="1,8,32,64", help="batch sizes, comma separated")
     parser.add_argument("--baselines", default=None,
@@ -330,8 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         baselines = [] if args.baselines == "none" else [b for b in args.baselines.split(",") if b]
     stem = "generation-" + args.model.replace("random:", "random-").replace("/", "--").strip(".-")
     files = result_files(args.out, stem, args.overwrite)
-    model = random_model(args.model, dtype, device) if args.model.startswith("random:") else \
-        load_model(args.model, dtype=dtype, device=args.device)
+    model = bench_model(args.model, dtype, device)
     result = run(model, shapes, batches, baselines, {"cuda_graphs": not args.no_cuda_graphs})
     lines = markdown(result)
     print("\n".join(lines))
@@ -340,26 +339,3 @@ def main(argv: list[str] | None = None) -> int:
     if plot(result, png):
         print(f"wrote {png}")
     return 0
-
-
-RANDOM_CONFIGS = {
-    # the shape of Llama-3.2-1B (1.24B parameters), random weights: speed does not depend on the values
-    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                     num_key_value_heads=8, head_dim=64, vocab_size=128256, max_position_embeddings=8192,
-                     rope_theta=500000.0, tie_word_embeddings=True),
-}
-
-
-def random_model(name: str, dtype: str, device: torch.device):
-    """A randomly initialised Llama of a named real shape (``random:llama-1b``), for speed measurements."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    key = name.split(":", 1)[1]
-    if key not in RANDOM_CONFIGS:
-        raise SlmkitError(f"unknown random model {key!r}; known: {', '.join(RANDOM_CONFIGS)}")
-    torch.manual_seed(0)
-    config = LlamaConfig(**RANDOM_CONFIGS[key])
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
-    model.config._name_or_path = name
-    return model.eval()
