@@ -297,13 +297,13 @@ def main(argv: list[str] | None = None) -> int:
         prog="slmkit bench generate", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__,
         epilog="examples:\n  slmkit bench generate smollm2-135m --device cuda --dtype bfloat16 --out benchmarks/results/h100\n"
-               "  slmkit bench generate smollm2-135m --shapes 128/128,512/256,2048/128 --batch 1,8,32,64 --device cuda\n"
+               "  slmkit bench generate smollm2-135m --shapes 128/128,512/256,2048/128 --batch 1,4,16,64 --device cuda\n"
                "  slmkit bench generate random:llama-1b --device cuda --baselines hf-eager   # random weights, real config\n"
                "  slmkit bench generate smollm2-135m --shapes 32/16 --batch 1,4 --out /tmp/bench   # CPU, slow")
     parser.add_argument("model", help="any load_model source, or random:llama-1b / random:smollm2-135m (random "
                                       "weights of that real shape)")
     parser.add_argument("--shapes", default="128/128,512/256,2048/128", help="PROMPT/OUTPUT lengths, comma separated")
-    parser.add_argument("--batch", default="1,8,32,64", help="batch sizes, comma separated")
+    parser.add_argument("--batch", default="1,4,16,64", help="batch sizes, comma separated")
     parser.add_argument("--baselines", default=None,
                         help=f"comma separated from {', '.join(BASELINES)}, or none (default: both on CUDA, hf-eager on CPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")

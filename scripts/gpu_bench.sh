@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # Every GPU check the open issues ask for, as one prepared script for a lent GPU box (the `device` tool).
 #
-#   bash scripts/gpu_checks.sh --prepare          # here, once: wheels the GPU image lacks -> .whl/ (git-ignored)
-#   bash scripts/gpu_checks.sh [STEP ...]         # there, with .whl carried; default: every step in order
-#   bash scripts/gpu_checks.sh --list             # the steps and their time limits
+#   bash scripts/gpu_bench.sh --prepare          # here, once: wheels the GPU image lacks -> .whl/ (git-ignored)
+#   bash scripts/gpu_bench.sh [STEP ...]         # there, with .whl carried; default: every step in order
+#   bash scripts/gpu_bench.sh --list             # the steps and their time limits
 #
 # A device session has about 15 minutes of machine time (its start included) and 10 minutes a command, so
 # the steps are sized to fit two back-to-back calls (the machine stays warm 30 s between them):
-#   run(command="bash scripts/gpu_checks.sh env install tests matmul kernels", carry=[".whl"], timeout_s=450)
-#   run(command="bash scripts/gpu_checks.sh generate sparse", carry=[".whl"], timeout_s=340)
+#   run(command="bash scripts/gpu_bench.sh env install tests matmul kernels", carry=[".whl"], timeout_s=450)
+#   run(command="bash scripts/gpu_bench.sh generate sparse", carry=[".whl"], timeout_s=380)
 # Each step runs under its own time limit, so a hang costs that step only. Results go to
-# $OUT/results/<step>/ (JSON + Markdown, and the pytest log), packed after every step into
-# $OUT/gpu-results.tar.gz (the tool brings back at most 8 files); the whole log is $OUT/gpu-checks.log.
+# /tmp/gpu-bench/results/<step>/ (JSON + Markdown and the step's log), packed after every step into
+# $OUT/gpu-results.tar.gz (the tool brings back at most 8 files); the whole log is $OUT/gpu-bench.log.
 # Unpack the tarball into benchmarks/results/<gpu>/ and commit what it holds.
 #
 # Speed needs no real weights, so the benchmarks use random weights of the real shapes
@@ -21,7 +21,7 @@ set -uo pipefail
 
 STEPS=(env install tests matmul kernels generate sparse)
 # seconds; sized (without a GPU run yet) so that the two calls below fit the session's device time
-declare -A LIMIT=([env]=20 [install]=60 [tests]=150 [matmul]=120 [kernels]=90 [generate]=240 [sparse]=90)
+declare -A LIMIT=([env]=20 [install]=60 [tests]=150 [matmul]=120 [kernels]=90 [generate]=270 [sparse]=90)
 
 if [[ "${1:-}" == "--list" ]]; then
     for step in "${STEPS[@]}"; do echo "$step ${LIMIT[$step]}s"; done
@@ -41,17 +41,25 @@ if [[ "${1:-}" == "--prepare" ]]; then
     exit 0
 fi
 
+selected=("$@")
+[[ ${#selected[@]} -eq 0 ]] && selected=("${STEPS[@]}")
+for step in "${selected[@]}"; do
+    [[ -n "${LIMIT[$step]:-}" ]] || { echo "error: unknown step '$step' (steps: ${STEPS[*]})" >&2; exit 2; }
+done
+
 cd "$(dirname "$0")/.."
-OUT="${OUT:-/tmp/gpu-checks}"
-RESULTS="$OUT/results"
-LOG="$OUT/gpu-checks.log"
-mkdir -p "$RESULTS"
+OUT="${OUT:-/tmp/gpu-bench/out}"
+# results live outside $OUT (the tool brings back at most 8 files from there): only the tarball and the
+# log go to $OUT; a second call on the same (warm) machine packs the first one's results too
+RESULTS="${RESULTS:-/tmp/gpu-bench/results}"
+LOG="$OUT/gpu-bench.log"
+mkdir -p "$RESULTS" "$OUT"
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=5 PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 PY="${PY:-python3}"  # the GPU image's python3 holds its torch
 [[ -d /tmp/gpu-site ]] && export PYTHONPATH="/tmp/gpu-site${PYTHONPATH:+:$PYTHONPATH}"
 
 pack() {
-    tar -czf "$OUT/gpu-results.tar.gz.tmp" -C "$OUT" results && mv "$OUT/gpu-results.tar.gz.tmp" "$OUT/gpu-results.tar.gz"
+    tar -czf "$OUT/gpu-results.tar.gz.tmp" -C "$(dirname "$RESULTS")" "$(basename "$RESULTS")" && mv "$OUT/gpu-results.tar.gz.tmp" "$OUT/gpu-results.tar.gz"
 }
 
 step_env() {
@@ -91,7 +99,7 @@ step_generate() {
     $PY -m slmkit.cli bench generate random:smollm2-135m --device cuda --shapes 128/128 --batch 1 \
         --baselines hf-eager,hf-compile --out "$RESULTS/generate/batch1" --overwrite || return 1
     $PY -m slmkit.cli bench generate random:smollm2-135m --device cuda --shapes 128/128,512/256,2048/128 \
-        --batch 1,8,64 --baselines hf-eager --out "$RESULTS/generate/batched" --overwrite || return 1
+        --batch 1,4,16,64 --baselines hf-eager --out "$RESULTS/generate/batched" --overwrite || return 1
     $PY -m slmkit.cli bench generate random:llama-1b --device cuda --shapes 128/256 --batch 1,16 \
         --baselines hf-eager --out "$RESULTS/generate/llama-1b" --overwrite
 }
@@ -100,11 +108,6 @@ step_sparse() {
     $PY scripts/bench_sparse.py --model random:smollm2-135m --dtype bfloat16 --out "$RESULTS/sparse" --overwrite
 }
 
-selected=("$@")
-[[ ${#selected[@]} -eq 0 ]] && selected=("${STEPS[@]}")
-for step in "${selected[@]}"; do
-    [[ -n "${LIMIT[$step]:-}" ]] || { echo "error: unknown step '$step' (steps: ${STEPS[*]})" >&2; exit 2; }
-done
 # install first whenever another step needs slmkit and this machine has not installed it yet
 if [[ ! " ${selected[*]} " =~ " install " ]] && ! $PY -c "import slmkit.kernels" 2>/dev/null; then
     selected=(install "${selected[@]}")
