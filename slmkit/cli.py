@@ -93,6 +93,37 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import signal
+    import socket
+
+    from slmkit import load_model
+    from slmkit.engine import Engine, EngineConfig
+    from slmkit.engine.server import Server
+
+    if not 0 <= args.port <= 65535:
+        raise SlmkitError(f"--port must be in 0..65535, got {args.port}")
+    try:  # a taken port fails now, not after the model has loaded
+        socket.create_server((args.host, args.port)).close()
+    except OSError as error:
+        raise SlmkitError(f"cannot listen on {args.host}:{args.port}: {error.strerror or error}") from None
+    config = EngineConfig(max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
+                          memory_fraction=args.memory_fraction)
+    engine = Engine(load_model(args.model, dtype=args.dtype, device=args.device), config)
+    def stop(signum, frame):  # `kill` (docker stop, systemd) stops as cleanly as Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    with Server(engine, args.host, args.port, model_name=args.name, quiet=args.quiet) as server:
+        print(f"slmkit: serving '{server.model_name}' at {server.url}/v1 (max_model_len {engine.max_model_len}, "
+              f"{engine.num_blocks} cache blocks); Ctrl-C stops", file=sys.stderr, flush=True)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            print("slmkit: stopped", file=sys.stderr)
+    return 0
+
+
 def cmd_bench(args) -> int:
     if args.what == "generate":
         from slmkit.bench.generation import main as bench_main
@@ -144,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  slmkit run recipes/smollm2-w8a8.yaml\n  slmkit eval out/smollm2-w8a8 --reference smollm2-135m\n"
         "  slmkit generate smollm2-135m --prompt 'Write a haiku about autumn.'\n  slmkit info out/smollm2-w8a8\n"
         "  slmkit export out/smollm2-w4a16-gptq out/smollm2-w4a16-vllm\n"
-        "  slmkit bench generate smollm2-135m --device cuda",
+        "  slmkit bench generate smollm2-135m --device cuda\n"
+        "  slmkit serve smollm2-135m --port 8000",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     from slmkit import __version__
@@ -213,6 +245,28 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     gen.add_argument("--device", default="cpu", help="cpu or cuda")
     gen.set_defaults(handler=cmd_generate)
+
+    srv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API", formatter_class=_formatter,
+                         description="Serve a model with the KV-cache engine (continuous batching, prefix caching) "
+                         "behind OpenAI's API: POST /v1/completions and /v1/chat/completions (\"stream\": true "
+                         "for server-sent events), GET /v1/models and /health.",
+                         epilog="examples:\n  slmkit serve smollm2-135m --port 8000\n"
+                         "  slmkit serve out/smollm2-w8a8 --device cuda --dtype bfloat16 --max-batch-size 32\n"
+                         "  curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+                         "       -d '{\"messages\": [{\"role\": \"user\", \"content\": \"Hi!\"}], \"max_tokens\": 32}'\n"
+                         "  curl -sN localhost:8000/v1/completions -d '{\"prompt\": \"Once upon a time\", \"stream\": true}'")
+    srv.add_argument("model", help="model source: checkpoint dir, HF dir, hub id, .gguf, or smollm2-135m")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
+    srv.add_argument("--name", help="the model name clients send and /v1/models lists (default: the source)")
+    srv.add_argument("--max-batch-size", type=int, default=16, help="requests decoding at once (default 16)")
+    srv.add_argument("--max-model-len", type=int, help="prompt + output tokens per request at most")
+    srv.add_argument("--memory-fraction", type=float,
+                     help="share of free device memory for the KV cache (default 0.5 on CUDA, 0.1 of RAM on CPU)")
+    srv.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    srv.add_argument("--device", default="cpu", help="cpu or cuda")
+    srv.add_argument("--quiet", action="store_true", help="no line per request")
+    srv.set_defaults(handler=cmd_serve)
 
     bench = sub.add_parser("bench", help="speed: the engine vs HF generate, kernels vs torch",
                            formatter_class=_formatter,

@@ -3,7 +3,7 @@ import pytest
 from slmkit.cli import build_parser, main
 
 
-@pytest.mark.parametrize("command", ["run", "eval", "generate", "info", "bench", "export"])
+@pytest.mark.parametrize("command", ["run", "eval", "generate", "info", "bench", "export", "serve"])
 def test_every_command_has_help_with_examples(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
@@ -15,7 +15,7 @@ def test_every_command_has_help_with_examples(command, capsys):
 def test_top_level_help_lists_commands(capsys):
     assert main([]) == 2
     out = capsys.readouterr().out
-    for command in ("run", "eval", "generate", "info", "bench"):
+    for command in ("run", "eval", "generate", "info", "bench", "serve"):
         assert command in out
     assert build_parser().prog == "slmkit"
 
@@ -82,3 +82,13 @@ def test_debug_shows_traceback(capsys):
 
 def test_bad_eval_option(capsys):
     _one_line_error(capsys, ["eval", "smollm2-135m", "--seq-len", "0"], "seq_len must be")
+
+
+def test_serve_refuses_a_bad_or_taken_port_before_loading(capsys):
+    import socket
+
+    _one_line_error(capsys, ["serve", "does-not-exist", "--port", "70000"], "--port must be in 0..65535")
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        # the model does not exist either: the port is checked first
+        _one_line_error(capsys, ["serve", "does-not-exist", "--port", str(port)], f"cannot listen on 127.0.0.1:{port}")

@@ -210,17 +210,25 @@ class Engine:
             if self.tokenizer is None:
                 raise SlmkitError("this model has no tokenizer: pass prompts as lists of token ids")
             if chat and getattr(self.tokenizer, "chat_template", None):
-                prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                            add_generation_prompt=True)
-                ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            else:
-                ids = self.tokenizer(prompt)["input_ids"]
+                return self.encode_messages([{"role": "user", "content": prompt}])
+            ids = self.tokenizer(prompt)["input_ids"]
         vocab = self.model.config.vocab_size
         if not ids:
             raise SlmkitError("the prompt is empty: give at least one token")
         if min(ids) < 0 or max(ids) >= vocab:
             raise SlmkitError(f"prompt token ids must be in [0, {vocab}), got {min(ids)}..{max(ids)}")
         return ids
+
+    def encode_messages(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation (``[{"role": "user", "content": "..."}, ...]``) through the tokenizer's
+        chat template, ending where the assistant's reply starts."""
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise SlmkitError("this model's tokenizer has no chat template: send a plain prompt instead")
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as error:  # noqa: BLE001 - templates raise their own errors (e.g. role order)
+            raise SlmkitError(f"the chat template refused the messages: {error}") from None
+        return self.encode(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, chat: bool = False) -> str:

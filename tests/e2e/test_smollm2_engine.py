@@ -70,3 +70,55 @@ def test_streaming_adds_up_and_stop_strings_cut(reference):
     stop = full.text.split()[2]  # the third word of the answer
     cut = engine.generate(QUESTIONS[1], SamplingParams(max_tokens=40, stop=[stop]), chat=True, progress=False)[0]
     assert cut.finish_reason == "stop" and cut.text == full.text[: full.text.find(stop)]
+
+
+def test_server_chat_is_the_engine_answer_streamed_or_not(reference):
+    from slmkit.engine import Server
+    from tests.engine.test_server import events, post
+
+    engine = Engine(reference, max_batch_size=4, max_model_len=512)
+    want = engine.generate(QUESTIONS[0], SamplingParams(max_tokens=32), chat=True, progress=False)[0]
+    body = {"messages": [{"role": "user", "content": QUESTIONS[0]}], "max_tokens": 32, "temperature": 0}
+    with Server(engine, port=0, quiet=True) as server:
+        server.start()
+        status, reply = post(f"{server.url}/v1/chat/completions", body)
+        _, streamed = post(f"{server.url}/v1/chat/completions", {**body, "stream": True})
+        _, plain = post(f"{server.url}/v1/completions", {"prompt": "The capital of France is", "max_tokens": 5,
+                                                         "temperature": 0})
+    assert status == 200 and reply["object"] == "chat.completion" and reply["model"] == "smollm2-135m"
+    assert reply["choices"][0]["message"] == {"role": "assistant", "content": want.text}
+    assert reply["choices"][0]["finish_reason"] == want.finish_reason
+    assert reply["usage"]["prompt_tokens"] == len(engine.encode(QUESTIONS[0], chat=True))
+    chunks = events(streamed)
+    assert chunks[0]["object"] == "chat.completion.chunk" and chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1]) == want.text
+    assert "Paris" in want.text and plain["choices"][0]["text"].strip()  # a raw prompt goes through the tokenizer
+
+
+@pytest.mark.parametrize("stop_signal", ["SIGINT", "SIGTERM"])
+def test_slmkit_serve_command_answers_and_stops_cleanly(smollm2_path, stop_signal):
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    from tests.engine.test_server import post
+
+    process = subprocess.Popen([sys.executable, "-m", "slmkit.cli", "serve", "smollm2-135m", "--port", "0", "--quiet",
+                                "--max-model-len", "512"], stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, TQDM_DISABLE="1"))
+    try:
+        line = ""
+        while "serving" not in line:
+            line = process.stderr.readline()
+            assert line, "slmkit serve exited before serving"
+        url = re.search(r"at (http://\S+)/v1 ", line).group(1)
+        status, reply = post(f"{url}/v1/chat/completions", {"messages": [{"role": "user", "content": "Say hi."}],
+                                                            "max_tokens": 8, "temperature": 0})
+        assert status == 200 and reply["choices"][0]["message"]["content"]
+        assert "max_model_len 512" in line
+    finally:
+        process.send_signal(getattr(signal, stop_signal))
+        code = process.wait(timeout=60)
+    assert code == 0 and "slmkit: stopped" in process.stderr.read()
