@@ -1,7 +1,11 @@
 """Prefill attention, FlashAttention-2 style (Dao, 2023): variable-length sequences packed in one batch,
 causal, GQA/MQA, fp16/bf16 (fp32 too, for tests).
 
-    O_i = softmax(Q_i K^T · scale + causal mask) V        per sequence and query head
+    O_i = softmax(cap(Q_i K^T · scale) + causal mask) V        per sequence and query head
+
+``cap`` is Gemma-2's logit soft-capping, softcap · tanh(s / softcap), when ``softcap`` > 0; a sliding
+``window`` > 0 limits each query to its last ``window`` keys (itself included), as in Gemma-2's and
+Qwen2's sliding-window layers.
 
 Sequences are packed along the token axis, ``cu_seqlens`` (B + 1) giving where each starts. Keys may
 be longer than queries (``cu_seqlens_k``): a chunk of new tokens attending to a cached prefix plus
@@ -19,16 +23,19 @@ import torch
 
 from slmkit.kernels._launch import HAVE_TRITON, interpreting, use_triton
 
+LOG2E = 1.4426950408889634  # scores in log2 units: the kernels use exp2
+
 if HAVE_TRITON:
     import triton
     import triton.language as tl
 
     @triton.jit
-    def _prefill_attention_kernel(Q, K, V, O, CU_SEQLENS, CU_SEQLENS_K, scale_log2,
-                                  stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    def _prefill_attention_kernel(Q, K, V, O, CU_SEQLENS, CU_SEQLENS_K, scale_log2, softcap_scale, softcap_log2,
+                                  window, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                                   stride_ot, stride_oh, num_heads, group, head_dim,
-                                  CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                  BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr):
+                                  CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
+                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                                  DOT_FP32: tl.constexpr):
         block_m = tl.program_id(0)
         sequence_head = tl.program_id(1)
         sequence = sequence_head // num_heads
@@ -54,16 +61,24 @@ if HAVE_TRITON:
             end = length_k
             if CAUSAL:
                 end = tl.minimum((block_m + 1) * BLOCK_M + shift, length_k)
-            for start_n in range(0, end, BLOCK_N):
+            begin = 0
+            if WINDOW:  # key blocks wholly before the first query's window are skipped
+                begin = tl.maximum(block_m * BLOCK_M + shift - window + 1, 0) // BLOCK_N * BLOCK_N
+            for start_n in range(begin, end, BLOCK_N):
                 keys = start_n + offs_n
                 k = tl.load(K + (start_k + keys)[None, :] * stride_kt + kv_head * stride_kh + offs_d[:, None],
                             mask=(keys[None, :] < length_k) & d_mask[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
                 if DOT_FP32:
                     k = k.to(tl.float32)
-                scores = tl.dot(q, k) * scale_log2  # (BLOCK_M, BLOCK_N), in log2 units
+                if SOFTCAP:  # softcap · tanh(s / softcap), tanh(x) = 2σ(2x) − 1, then log2 units
+                    scores = (2.0 * tl.sigmoid(2.0 * tl.dot(q, k) * softcap_scale) - 1.0) * softcap_log2
+                else:
+                    scores = tl.dot(q, k) * scale_log2  # (BLOCK_M, BLOCK_N), in log2 units
                 valid = keys[None, :] < length_k
                 if CAUSAL:
                     valid = valid & (offs_m[:, None] + shift >= keys[None, :])
+                if WINDOW:
+                    valid = valid & (offs_m[:, None] + shift - keys[None, :] < window)
                 scores = tl.where(valid, scores, float("-inf"))
                 new_max = tl.maximum(running_max, tl.max(scores, axis=1))
                 new_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows past the end: no NaN
@@ -96,13 +111,35 @@ def _check(q, k, v, cu_seqlens, cu_seqlens_k):
         raise ValueError("attention: every sequence needs at least as many keys as queries")
 
 
+def _check_options(softcap: float, window: int) -> None:
+    if softcap < 0 or window < 0:
+        raise ValueError(f"attention: softcap and window must be >= 0 (0: off), got {softcap} and {window}")
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float,
+                     softcap: float = 0.0) -> torch.Tensor:
+    """Plain float32 attention of one sequence: q (Hq, Tq, D), k/v (Hkv, Tk, D), ``visible`` (Tq, Tk) or
+    (B, 1, Tq, Tk) bool; logits soft-capped when ``softcap`` > 0. The reference of the capped and
+    windowed kernels (SDPA has neither)."""
+    group = q.shape[-3] // k.shape[-3]
+    k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    return torch.nan_to_num(weights) @ v  # a row that sees no key gives 0, as the kernels do
+
+
 def prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                           causal: bool = True, scale: float | None = None,
-                          cu_seqlens_k: torch.Tensor | None = None) -> torch.Tensor:
-    """PyTorch reference of :func:`prefill_attention`: SDPA per sequence, in float32."""
+                          cu_seqlens_k: torch.Tensor | None = None, softcap: float = 0.0, window: int = 0) -> torch.Tensor:
+    """PyTorch reference of :func:`prefill_attention`: SDPA per sequence, in float32 (plain masked
+    attention when ``softcap`` or ``window`` is set)."""
     cu_seqlens_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
     _check(q, k, v, cu_seqlens, cu_seqlens_k)
+    _check_options(softcap, window)
     group = q.shape[1] // k.shape[1]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     out = torch.empty_like(q)
     bounds, bounds_k = cu_seqlens.tolist(), cu_seqlens_k.tolist()
     for start, end, start_k, end_k in zip(bounds, bounds[1:], bounds_k, bounds_k[1:]):
@@ -112,6 +149,16 @@ def prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_
         ks = k[start_k:end_k].transpose(0, 1).float()  # (Hkv, Tk, D)
         vs = v[start_k:end_k].transpose(0, 1).float()
         shift = (end_k - start_k) - (end - start)
+        if softcap or window:
+            query_pos = torch.arange(end - start, device=q.device)[:, None] + shift  # key positions' frame
+            distance = query_pos - torch.arange(end_k - start_k, device=q.device)[None, :]
+            visible = torch.ones_like(distance, dtype=torch.bool)
+            if causal:
+                visible &= distance >= 0
+            if window:
+                visible &= distance < window
+            out[start:end] = masked_attention(qs, ks, vs, visible, scale, softcap).transpose(0, 1).to(q.dtype)
+            continue
         mask = None
         if causal and shift:  # aligned at the end: query i sees keys <= i + Tk - Tq
             mask = torch.ones(end - start, end_k - start_k, dtype=torch.bool, device=q.device).tril(shift)
@@ -123,18 +170,21 @@ def prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                       max_seqlen: int | None = None, causal: bool = True, scale: float | None = None,
-                      cu_seqlens_k: torch.Tensor | None = None) -> torch.Tensor:
+                      cu_seqlens_k: torch.Tensor | None = None, softcap: float = 0.0, window: int = 0) -> torch.Tensor:
     """Attention over packed variable-length sequences: q (tokens, Hq, D), k/v (keys, Hkv, D) → (tokens, Hq, D).
 
     ``cu_seqlens``: int32 (B + 1) cumulative query lengths; ``max_seqlen``: the longest query run (computed
     when omitted); ``scale`` defaults to 1/√D. ``cu_seqlens_k`` (defaults to ``cu_seqlens``) gives key
     runs at least as long as the query runs: the queries are the last tokens of each key run (a new chunk
-    after a cached prefix). Runs the Triton kernel on CUDA (or under ``TRITON_INTERPRET=1``).
+    after a cached prefix). ``softcap`` > 0 soft-caps the scaled logits (softcap · tanh(s / softcap));
+    ``window`` > 0 lets a query see only its last ``window`` keys. Runs the Triton kernel on CUDA (or
+    under ``TRITON_INTERPRET=1``).
     """
     cu_seqlens_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
     _check(q, k, v, cu_seqlens, cu_seqlens_k)
+    _check_options(softcap, window)
     if not use_triton(q, k, v):
-        return prefill_attention_ref(q, k, v, cu_seqlens, causal, scale, cu_seqlens_k)
+        return prefill_attention_ref(q, k, v, cu_seqlens, causal, scale, cu_seqlens_k, softcap, window)
     tokens, heads, head_dim = q.shape
     if max_seqlen is None:
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
@@ -148,9 +198,11 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     block_d = max(16, triton.next_power_of_2(head_dim))
     grid = (triton.cdiv(max_seqlen, block_m), (cu_seqlens.numel() - 1) * heads)
     _prefill_attention_kernel[grid](
-        q, k, v, out, cu_seqlens.to(torch.int32), cu_seqlens_k.to(torch.int32), scale * 1.4426950408889634,  # log2(e): exp2 instead of exp
+        q, k, v, out, cu_seqlens.to(torch.int32), cu_seqlens_k.to(torch.int32), scale * LOG2E,  # exp2 instead of exp
+        scale / softcap if softcap else 0.0, softcap * LOG2E, window,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        heads, heads // k.shape[1], head_dim, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        heads, heads // k.shape[1], head_dim, CAUSAL=causal, SOFTCAP=softcap > 0, WINDOW=window > 0,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         # the CPU interpreter's dot mishandles bfloat16 operands: it gets them in float32 (GPUs keep bf16)
         DOT_FP32=interpreting() and q.dtype == torch.bfloat16)
     return out

@@ -2,7 +2,10 @@
 
 One new query token per sequence attends to its whole cached context:
 
-    o = softmax(q K^T · scale) V,   K, V gathered from cache blocks through the block table
+    o = softmax(cap(q K^T · scale)) V,   K, V gathered from cache blocks through the block table
+
+with Gemma-2's soft-capping ``cap(s) = softcap · tanh(s / softcap)`` when ``softcap`` > 0, and only the
+last ``window`` positions of the context when a sliding ``window`` > 0 is given.
 
 The cache holds fixed-size blocks ``(num_blocks, block_size, Hkv, D)``; ``block_table[b, i]`` is the
 physical block holding tokens ``[i·block_size, (i+1)·block_size)`` of sequence b. At small batch one
@@ -18,6 +21,7 @@ import math
 import torch
 
 from slmkit.kernels._launch import HAVE_TRITON, use_triton
+from slmkit.kernels.attention import LOG2E, _check_options, masked_attention
 
 if HAVE_TRITON:
     import triton
@@ -25,9 +29,10 @@ if HAVE_TRITON:
 
     @triton.jit
     def _decode_attention_kernel(Q, K_CACHE, V_CACHE, BLOCK_TABLE, SEQ_LENS, PARTIAL_OUT, PARTIAL_MAX, PARTIAL_SUM,
-                                 scale_log2, stride_qb, stride_qh, stride_kblock, stride_kt, stride_kh,
+                                 scale_log2, softcap_scale, softcap_log2, window,
+                                 stride_qb, stride_qh, stride_kblock, stride_kt, stride_kh,
                                  stride_vblock, stride_vt, stride_vh, stride_table, num_heads, group, head_dim,
-                                 blocks_per_split, num_splits,
+                                 blocks_per_split, num_splits, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
                                  BLOCK_SIZE: tl.constexpr, BLOCK_D: tl.constexpr):
         sequence = tl.program_id(0)
         head = tl.program_id(1)
@@ -42,14 +47,21 @@ if HAVE_TRITON:
         running_sum = 0.0
         acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
         first_block = split * blocks_per_split
+        oldest = 0  # the first position the query sees
+        if WINDOW:
+            oldest = tl.maximum(length - window, 0)
         for logical in range(first_block, first_block + blocks_per_split):
-            if logical * BLOCK_SIZE < length:
+            # blocks with at least one visible position (so a block's max is finite: no NaN)
+            if (logical * BLOCK_SIZE < length) & ((logical + 1) * BLOCK_SIZE > oldest):
                 physical = tl.load(BLOCK_TABLE + sequence * stride_table + logical)
                 positions = logical * BLOCK_SIZE + offs_t
-                t_mask = positions < length
+                t_mask = (positions < length) & (positions >= oldest)
                 k = tl.load(K_CACHE + physical * stride_kblock + offs_t[:, None] * stride_kt + kv_head * stride_kh
                             + offs_d[None, :], mask=t_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-                scores = tl.sum(k * q[None, :], axis=1) * scale_log2  # (BLOCK_SIZE,), log2 units
+                if SOFTCAP:  # softcap · tanh(s / softcap), tanh(x) = 2σ(2x) − 1, then log2 units
+                    scores = (2.0 * tl.sigmoid(2.0 * tl.sum(k * q[None, :], axis=1) * softcap_scale) - 1.0) * softcap_log2
+                else:
+                    scores = tl.sum(k * q[None, :], axis=1) * scale_log2  # (BLOCK_SIZE,), log2 units
                 scores = tl.where(t_mask, scores, float("-inf"))
                 new_max = tl.maximum(running_max, tl.max(scores, axis=0))
                 p = tl.math.exp2(scores - new_max)
@@ -96,26 +108,37 @@ def _check(q, k_cache, v_cache, block_table, seq_lens, read_lengths=True):
 
 
 def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-                         seq_lens: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+                         seq_lens: torch.Tensor, scale: float | None = None, softcap: float = 0.0,
+                         window: int = 0) -> torch.Tensor:
     """PyTorch reference of :func:`decode_attention`, the whole batch at once: gather every row's blocks,
-    mask the positions past its length, one float32 SDPA call (GQA without repeating keys/values).
+    mask the positions past its length (and before its window), one float32 SDPA call (GQA without
+    repeating keys/values; plain masked attention when ``softcap`` is set).
 
     Also the engine's CPU decode path. Every block the table names must hold finite numbers (masked
     positions still enter the weighted sum, with weight 0)."""
     _check(q, k_cache, v_cache, block_table, seq_lens)
+    _check_options(softcap, window)
     table = block_table.long()
     keys = k_cache[table].flatten(1, 2).transpose(1, 2).float()  # (B, Hkv, T, D), T = table width × block size
     values = v_cache[table].flatten(1, 2).transpose(1, 2).float()
-    mask = torch.arange(keys.shape[2], device=q.device)[None, :] < seq_lens[:, None].long()  # (B, T)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q[:, :, None, :].float(), keys, values, attn_mask=mask[:, None, None, :], scale=scale,
-        enable_gqa=q.shape[1] != keys.shape[1])
+    positions = torch.arange(keys.shape[2], device=q.device)[None, :]
+    lengths = seq_lens[:, None].long()
+    mask = positions < lengths  # (B, T)
+    if window:
+        mask &= positions >= lengths - window
+    if softcap:
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        out = masked_attention(q[:, :, None, :].float(), keys, values, mask[:, None, None, :], scale, softcap)
+    else:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, None, :].float(), keys, values, attn_mask=mask[:, None, None, :], scale=scale,
+            enable_gqa=q.shape[1] != keys.shape[1])
     return out[:, :, 0, :].to(q.dtype)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                      seq_lens: torch.Tensor, num_splits: int | None = None, scale: float | None = None,
-                     max_seqlen: int | None = None) -> torch.Tensor:
+                     max_seqlen: int | None = None, softcap: float = 0.0, window: int = 0) -> torch.Tensor:
     """One query token per sequence against its paged context → (B, Hq, D).
 
     Args:
@@ -124,10 +147,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         num_splits: KV partitions per (sequence, head); None picks enough to fill the GPU at small batch.
         max_seqlen: an upper bound of ``seq_lens``. Given, the launcher never reads ``seq_lens`` on the host,
             so the call can be captured in a CUDA graph (the engine passes the block table's capacity).
+        softcap: > 0 soft-caps the scaled logits (softcap · tanh(s / softcap)); window: > 0 attends to the
+            last ``window`` positions only.
     """
     _check(q, k_cache, v_cache, block_table, seq_lens, read_lengths=max_seqlen is None)
+    _check_options(softcap, window)
     if not use_triton(q, k_cache, v_cache):
-        return decode_attention_ref(q, k_cache, v_cache, block_table, seq_lens, scale)
+        return decode_attention_ref(q, k_cache, v_cache, block_table, seq_lens, scale, softcap, window)
     batch, heads, head_dim = q.shape
     block_size = k_cache.shape[1]
     if block_size & (block_size - 1):
@@ -145,9 +171,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     table = block_table.to(torch.int32).contiguous()
     _decode_attention_kernel[(batch, heads, num_splits)](
         q, k_cache, v_cache, table, seq_lens.to(torch.int32).contiguous(), partial_out, partial_max, partial_sum,
-        scale * 1.4426950408889634, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        scale * LOG2E, scale / softcap if softcap else 0.0, softcap * LOG2E, window,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), table.stride(0), heads, heads // k_cache.shape[2],
-        head_dim, blocks_per_split, num_splits, BLOCK_SIZE=block_size, BLOCK_D=block_d)
+        head_dim, blocks_per_split, num_splits, SOFTCAP=softcap > 0, WINDOW=window > 0,
+        BLOCK_SIZE=block_size, BLOCK_D=block_d)
     out = torch.empty_like(q)
     _decode_combine_kernel[(batch, heads)](
         partial_out, partial_max, partial_sum, out, out.stride(0), out.stride(1), heads, head_dim, num_splits,

@@ -122,7 +122,9 @@ def _free_memory(device: torch.device) -> int:
 def _max_model_len(config, limit: int | None) -> int:
     model_limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 8192
     window = getattr(config, "sliding_window", None)
-    if window and getattr(config, "use_sliding_window", True):  # attention is full within the window
+    # configs with layer_types say which layers slide (the runner applies their windows); others, such as
+    # Mistral's, slide in every layer: there requests stay within the window, where attention is full
+    if window and getattr(config, "use_sliding_window", True) and not getattr(config, "layer_types", None):
         model_limit = min(model_limit, window)
     if limit is not None and limit > model_limit:
         raise SlmkitError(f"max_model_len {limit} exceeds what the model supports ({model_limit} tokens)")

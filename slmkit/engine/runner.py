@@ -2,8 +2,9 @@
 
 The runner walks the model through :mod:`slmkit.models.arch` data, not through transformers' forward:
 embeddings → for each block: norm, q/k/v projections (q/k norms, rotary), write keys/values into
-their cache slots, attention over the paged cache, output projection, residual, norm, MLP, residual →
-final norm → LM head on the rows that need logits. The projections and MLPs are the model's own
+their cache slots, attention over the paged cache (soft-capped and sliding-window where the config
+says so), output projection (post-norm), residual, norm, MLP (post-norm), residual → final norm →
+LM head on the rows that need logits (soft-capped for Gemma-2). The projections and MLPs are the model's own
 modules, so whatever a transform put there (W8A8 linears, 2:4 sparse weights, per-layer widths)
 runs unchanged.
 
@@ -27,7 +28,7 @@ from slmkit.kernels.attention import prefill_attention, prefill_attention_ref
 from slmkit.kernels.decode_attention import decode_attention, decode_attention_ref
 from slmkit.kernels.rmsnorm import rmsnorm
 from slmkit.kernels.swiglu import swiglu
-from slmkit.models.arch import ArchSpec, attention_shape, get_module, get_spec
+from slmkit.models.arch import ArchSpec, attention_shape, attention_window, get_module, get_spec, logit_softcaps
 
 
 @dataclasses.dataclass
@@ -85,6 +86,10 @@ class _Layer:
         self.num_heads, self.num_kv_heads, self.head_dim = shape.num_heads, shape.num_kv_heads, shape.head_dim
         self.attn_norm = get_module(block, spec.attn_norm)
         self.mlp_norm = get_module(block, spec.mlp_norm)
+        self.attn_out_norm = get_module(block, spec.attn_out_norm) if spec.attn_out_norm else None
+        self.mlp_out_norm = get_module(block, spec.mlp_out_norm) if spec.mlp_out_norm else None
+        self.window = attention_window(model.config, index)  # 0: full attention
+        self.softcap = logit_softcaps(model.config)[0]
         self.qkv = get_module(block, spec.qkv) if spec.qkv else None
         self.q, self.k, self.v = (None, None, None) if spec.qkv else (get_module(block, n) for n in (spec.q, spec.k, spec.v))
         self.q_norm = get_module(block, spec.q_norm) if spec.q_norm else None
@@ -124,7 +129,7 @@ class ModelRunner:
 
     def __init__(self, model: nn.Module, caches: list[LayerCache], block_size: int, max_blocks_per_seq: int,
                  use_kernels: bool):
-        spec = get_spec(model)  # the Engine has refused families with spec.engine_unsupported
+        spec = get_spec(model)  # the Engine has refused families with spec.engine_unsupported, if any
         self.model, self.spec, self.caches = model, spec, caches
         self.block_size, self.max_blocks_per_seq, self.use_kernels = block_size, max_blocks_per_seq, use_kernels
         self.embed = get_module(model, spec.embed)
@@ -137,6 +142,9 @@ class ModelRunner:
             raise SlmkitError(f"{len(caches)} layer caches for {len(self.layers)} layers")
         self.hidden_size = model.config.hidden_size
         self.offset = spec.norm_offset
+        self.final_softcap = logit_softcaps(model.config)[1]
+        # Gemma's √hidden embedding scale: newer transformers put it in the embedding module itself
+        self.scale_embeddings = spec.embed_scale and not hasattr(self.embed, "embed_scale")
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._static: dict[str, torch.Tensor] = {}
 
@@ -164,21 +172,22 @@ class ModelRunner:
         values = cache.values.view(-1, layer.num_kv_heads, layer.head_dim)
         keys.index_copy_(0, batch.slots, k.to(keys.dtype))
         values.index_copy_(0, batch.slots, v.to(values.dtype))
+        options = dict(scale=layer.scale, softcap=layer.softcap, window=layer.window)
         if batch.decode:
             if not self.use_kernels:
-                return decode_attention_ref(q, cache.keys, cache.values, batch.block_table, batch.seq_lens, layer.scale)
-            return decode_attention(q, cache.keys, cache.values, batch.block_table, batch.seq_lens, scale=layer.scale,
-                                    max_seqlen=batch.max_seqlen)
+                return decode_attention_ref(q, cache.keys, cache.values, batch.block_table, batch.seq_lens, **options)
+            return decode_attention(q, cache.keys, cache.values, batch.block_table, batch.seq_lens,
+                                    max_seqlen=batch.max_seqlen, **options)
         if batch.gather is not None:
             k, v = keys[batch.gather], values[batch.gather]
         if not self.use_kernels:
-            return prefill_attention_ref(q, k, v, batch.cu_q, scale=layer.scale, cu_seqlens_k=batch.cu_k)
-        return prefill_attention(q, k, v, batch.cu_q, batch.max_q, scale=layer.scale, cu_seqlens_k=batch.cu_k)
+            return prefill_attention_ref(q, k, v, batch.cu_q, cu_seqlens_k=batch.cu_k, **options)
+        return prefill_attention(q, k, v, batch.cu_q, batch.max_q, cu_seqlens_k=batch.cu_k, **options)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Float32 logits (rows, vocab) of ``batch.logits_rows`` (all rows when None); writes the keys/values."""
         x = self.embed(batch.input_ids)  # (N, hidden)
-        if self.spec.embed_scale:
+        if self.scale_embeddings:
             x = x * torch.tensor(self.hidden_size ** 0.5, dtype=x.dtype)
         if self.position_embed is not None:
             x = x + self.position_embed(batch.positions)
@@ -194,13 +203,20 @@ class ModelRunner:
                 q, k = layer.q_norm(q), layer.k_norm(k)
             if cos is not None:
                 q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-            attn = self._attention(layer, cache, q, k, v, batch)
-            h, x = self._add_norm(x, layer.o(attn.reshape(attn.shape[0], -1)), layer.mlp_norm)
+            attn = layer.o(self._attention(layer, cache, q, k, v, batch).flatten(1))
+            if layer.attn_out_norm is not None:
+                attn = layer.attn_out_norm(attn)
+            h, x = self._add_norm(x, attn, layer.mlp_norm)
             delta = self._mlp(layer, h)
+            if layer.mlp_out_norm is not None:
+                delta = layer.mlp_out_norm(delta)
         x = x + delta
         if batch.logits_rows is not None:
             x = x[batch.logits_rows]
-        return self.lm_head(self.final_norm(x)).float()
+        logits = self.lm_head(self.final_norm(x)).float()
+        if self.final_softcap:
+            logits = self.final_softcap * torch.tanh(logits / self.final_softcap)
+        return logits
 
     # ---- decode with CUDA graphs --------------------------------------------------------------------------
 

@@ -45,8 +45,9 @@ class ArchSpec:
     transposed_weights: bool = False
     # The MLP multiplies act(gate) by up elementwise, so a scale on up's rows folds into down's columns.
     gated_mlp: bool = True
-    # Norms over the hidden size besides attn_norm / mlp_norm (block-relative), e.g. Gemma-2's post-norms.
-    extra_norms: tuple[str, ...] = ()
+    # Norms of the attention and MLP outputs before their residual adds (Gemma-2's post-norms), if any.
+    attn_out_norm: str | None = None
+    mlp_out_norm: str | None = None
     # Dimensions structured width pruning can shrink for this family. Hidden size needs the embedding to
     # carry no size-derived scale (Gemma multiplies by sqrt(hidden_size)); heads need separate q/k/v.
     width_dims: tuple[str, ...] = ("heads", "ffn", "hidden")
@@ -65,6 +66,10 @@ class ArchSpec:
         names += [self.gate_up] if self.gate_up else [n for n in (self.gate, self.up) if n]
         names.append(self.down)
         return [n for n in names if n]
+
+    def hidden_norms(self) -> list[str]:
+        """Block-relative paths of every norm over the hidden size (hidden-size pruning slices them all)."""
+        return [n for n in (self.attn_norm, self.mlp_norm, self.attn_out_norm, self.mlp_out_norm) if n]
 
     def input_groups(self) -> list[list[str]]:
         """Block linears grouped by the activation they read (q/k/v share one input, gate/up another).
@@ -92,12 +97,11 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         family="gemma2",
         model_types=("gemma2",),
         norm_offset=1.0,
-        mlp_norm="pre_feedforward_layernorm",  # post_attention_layernorm normalizes attn output
-        extra_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
+        mlp_norm="pre_feedforward_layernorm",
+        attn_out_norm="post_attention_layernorm",  # normalizes the attention output, not the MLP input
+        mlp_out_norm="post_feedforward_layernorm",
         width_dims=("heads", "ffn"),
         embed_scale=True,
-        engine_unsupported="Gemma-2 blocks normalize after attention and the MLP, soft-cap attention logits and "
-                           "alternate sliding windows",
     ),
     dataclasses.replace(
         _LLAMA,
@@ -185,6 +189,21 @@ def attention_shape(config, layer: int | None = None) -> AttentionShape:
             raise SlmkitError("this model has per-layer head counts; pass the layer index")
         num_heads, num_kv_heads = per_layer_heads[layer], config.layer_num_kv_heads[layer]
     return AttentionShape(num_heads, num_kv_heads, head_dim)
+
+
+def attention_window(config, layer: int) -> int:
+    """Sliding-window length of block ``layer``'s attention (0: full), from the config's ``layer_types``
+    (Gemma-2 alternates sliding and full layers; Qwen2 slides from ``max_window_layers`` on)."""
+    types = getattr(config, "layer_types", None)
+    if types and types[layer] == "sliding_attention":
+        return int(config.sliding_window)
+    return 0
+
+
+def logit_softcaps(config) -> tuple[float, float]:
+    """(attention, final) logit soft-capping of the config, 0 where off (Gemma-2: 50 and 30)."""
+    return (float(getattr(config, "attn_logit_softcapping", None) or 0.0),
+            float(getattr(config, "final_logit_softcapping", None) or 0.0))
 
 
 def intermediate_size(config, layer: int) -> int:

@@ -369,7 +369,7 @@ def prune_hidden(model: nn.Module, channels: torch.Tensor) -> None:
         _slice_linear(lm_head, cols=channels)
     _slice_vector_params(get_module(model, spec.final_norm), channels)
     for block in blocks(model):
-        for norm in (spec.attn_norm, spec.mlp_norm, *spec.extra_norms):
+        for norm in spec.hidden_norms():
             _slice_vector_params(get_module(block, norm), channels)
         for name in spec.linear_names():
             module = get_module(block, name)

@@ -71,3 +71,44 @@ def test_bad_shapes_fail_clearly():
     q, k, v, cu_seqlens = _qkv([4], 4, 2, 64, torch.float32)
     with pytest.raises(ValueError, match="cu_seqlens"):
         prefill_attention(q, k, v, torch.tensor([0, 3], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", CASES)
+@pytest.mark.parametrize("softcap, window", [(8.0, 0), (0.0, 5), (4.0, 17), (0.0, 1)])
+def test_softcapped_and_windowed_attention_matches_the_reference(dtype, atol, rtol, softcap, window):
+    # lengths longer and shorter than the window; keys after a cached prefix in the second call
+    q, k, v, cu_seqlens = _qkv([1, 19, 40], 4, 2, 64, dtype, seed=7)
+    q = q * 3  # large logits, so the cap matters
+    out = prefill_attention(q, k, v, cu_seqlens, softcap=softcap, window=window)
+    expected = prefill_attention_ref(q, k, v, cu_seqlens, softcap=softcap, window=window)
+    torch.testing.assert_close(out, expected, atol=atol, rtol=rtol)
+    rows = torch.cat([torch.arange(1), torch.arange(1 + 19 - 6, 20), torch.arange(60 - 9, 60)])  # last 1, 6, 9
+    cu_q = torch.tensor([0, 1, 7, 16], dtype=torch.int32)
+    chunk = prefill_attention(q[rows], k, v, cu_q, cu_seqlens_k=cu_seqlens, softcap=softcap, window=window)
+    torch.testing.assert_close(chunk, expected[rows], atol=atol, rtol=rtol)
+
+
+def test_softcap_and_window_reference_is_gemma2_eager_attention():
+    """The reference computes what transformers' Gemma-2 attention computes (soft-capped logits, a
+    sliding-window causal mask: a query sees keys q − window < k ≤ q)."""
+    from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
+
+    q, k, v, cu_seqlens = _qkv([24], 4, 2, 16, torch.float32, seed=8)
+    window, softcap, scale = 6, 5.0, 0.3
+    distance = torch.arange(24)[:, None] - torch.arange(24)[None, :]
+    mask = torch.zeros(24, 24).masked_fill(~((distance >= 0) & (distance < window)), float("-inf"))
+
+    class Module(torch.nn.Module):
+        num_key_value_groups, training = 2, False
+
+    expected, _ = eager_attention_forward(Module(), q.transpose(0, 1)[None] * 3, k.transpose(0, 1)[None],
+                                          v.transpose(0, 1)[None], mask[None, None], dropout=0.0, scaling=scale,
+                                          softcap=softcap)
+    got = prefill_attention_ref(q * 3, k, v, cu_seqlens, scale=scale, softcap=softcap, window=window)
+    torch.testing.assert_close(got, expected[0], atol=1e-5, rtol=1e-5)
+
+
+def test_negative_softcap_or_window_is_refused():
+    q, k, v, cu_seqlens = _qkv([4], 2, 2, 16, torch.float32)
+    with pytest.raises(ValueError, match="softcap and window must be >= 0"):
+        prefill_attention(q, k, v, cu_seqlens, window=-1)

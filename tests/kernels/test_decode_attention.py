@@ -64,3 +64,31 @@ def test_bad_inputs_fail_clearly():
         decode_attention(q, k_cache, v_cache, block_table, torch.tensor([33]).int())
     with pytest.raises(ValueError, match="not a multiple"):
         decode_attention(q[:, :3], k_cache, v_cache, block_table, lengths)
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", CASES)
+@pytest.mark.parametrize("softcap, window", [(6.0, 0), (0.0, 20), (3.0, 7), (0.0, 1)])
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_softcapped_and_windowed_decode_matches_reference(dtype, atol, rtol, softcap, window, num_splits):
+    # windows shorter than some contexts: whole splits and blocks fall before the window
+    q, k_cache, v_cache, block_table, lengths = _paged([1, 17, 100], 4, 2, 64, dtype, seed=9)
+    q = q * 3
+    out = decode_attention(q, k_cache, v_cache, block_table, lengths, num_splits=num_splits, softcap=softcap,
+                           window=window)
+    expected = decode_attention_ref(q, k_cache, v_cache, block_table, lengths, softcap=softcap, window=window)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, expected, atol=atol, rtol=rtol)
+
+
+def test_windowed_decode_is_the_last_row_of_windowed_prefill():
+    from slmkit.kernels.attention import prefill_attention_ref
+
+    q, k_cache, v_cache, block_table, lengths = _paged([45], 4, 2, 64, torch.float32, seed=10)
+    keys = k_cache[block_table[0].long()].flatten(0, 1)[:45]
+    values = v_cache[block_table[0].long()].flatten(0, 1)[:45]
+    queries = torch.randn(45, 4, 64, generator=torch.Generator().manual_seed(11))
+    queries[-1] = q[0]
+    full = prefill_attention_ref(queries, keys, values, torch.tensor([0, 45], dtype=torch.int32), softcap=4.0,
+                                 window=13)
+    got = decode_attention_ref(q, k_cache, v_cache, block_table, lengths, softcap=4.0, window=13)[0]
+    torch.testing.assert_close(got, full[-1], atol=1e-5, rtol=1e-5)
