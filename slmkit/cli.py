@@ -108,7 +108,7 @@ def cmd_serve(args) -> int:
     except OSError as error:
         raise SlmkitError(f"cannot listen on {args.host}:{args.port}: {error.strerror or error}") from None
     config = EngineConfig(max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
-                          memory_fraction=args.memory_fraction)
+                          memory_fraction=args.memory_fraction, speculative_tokens=args.speculative_tokens)
     engine = Engine(load_model(args.model, dtype=args.dtype, device=args.device), config)
     def stop(signum, frame):  # `kill` (docker stop, systemd) stops as cleanly as Ctrl-C
         raise KeyboardInterrupt
@@ -252,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "for server-sent events), GET /v1/models and /health.",
                          epilog="examples:\n  slmkit serve smollm2-135m --port 8000\n"
                          "  slmkit serve out/smollm2-w8a8 --device cuda --dtype bfloat16 --max-batch-size 32\n"
+                         "  slmkit serve smollm2-135m --speculative-tokens 4   # faster greedy answers that quote\n"
                          "  curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\\n"
                          "       -d '{\"messages\": [{\"role\": \"user\", \"content\": \"Hi!\"}], \"max_tokens\": 32}'\n"
                          "  curl -sN localhost:8000/v1/completions -d '{\"prompt\": \"Once upon a time\", \"stream\": true}'")
@@ -263,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-model-len", type=int, help="prompt + output tokens per request at most")
     srv.add_argument("--memory-fraction", type=float,
                      help="share of free device memory for the KV cache (default 0.5 on CUDA, 0.1 of RAM on CPU)")
+    srv.add_argument("--speculative-tokens", type=int, default=0,
+                     help="prompt-lookup draft tokens per step for greedy requests (0: off; e.g. 4 when answers "
+                     "quote their prompts)")
     srv.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     srv.add_argument("--device", default="cpu", help="cpu or cuda")
     srv.add_argument("--quiet", action="store_true", help="no line per request")

@@ -1,4 +1,5 @@
-"""The KV-cache inference engine: paged cache, continuous batching, prefix caching, CUDA graphs.
+"""The KV-cache inference engine: paged cache, continuous batching, prefix caching, CUDA graphs,
+prompt-lookup speculative decoding (:mod:`slmkit.engine.speculative`).
 
 ``Engine(model, EngineConfig(...))`` runs any model ``load_model`` returns; ``SamplingParams`` says how
 each request samples and stops. See :mod:`slmkit.engine.engine`. ``Server(engine)`` serves it behind

@@ -26,6 +26,7 @@ from slmkit.engine.kv_cache import BlockAllocator, allocate_layer_caches, bytes_
 from slmkit.engine.runner import Batch, ModelRunner
 from slmkit.engine.sampling import SamplingParams, sample_tokens
 from slmkit.engine.scheduler import Scheduler, Sequence
+from slmkit.engine.speculative import accept_greedy, propose_ngram
 from slmkit.errors import SlmkitError
 from slmkit.kernels._launch import HAVE_TRITON
 from slmkit.models.arch import attention_shape, blocks, get_spec
@@ -51,6 +52,10 @@ class EngineConfig(BaseConfig):
         graph_batch_sizes: batch sizes to capture; None: powers of two and steps up to max_batch_size.
         use_kernels: the fused Triton kernels; None: on CUDA when Triton is installed.
         seed: seeds requests that give no seed of their own.
+        speculative_tokens: prompt-lookup speculative decoding (:mod:`slmkit.engine.speculative`): up to this
+            many draft tokens per step for greedy requests without a repetition penalty, verified in one
+            forward pass (same tokens, fewer passes when the text repeats itself); 0 is off.
+        speculative_ngram: the longest n-gram the drafts are looked up by.
     """
 
     name = "engine"
@@ -66,6 +71,8 @@ class EngineConfig(BaseConfig):
     graph_batch_sizes: list[int] | None = None
     use_kernels: bool | None = None
     seed: int = 0
+    speculative_tokens: int = 0
+    speculative_ngram: int = 3
 
     def __post_init__(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -78,6 +85,10 @@ class EngineConfig(BaseConfig):
             raise ConfigError("max_batch_size and max_num_batched_tokens must be at least 1")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"max_model_len must be at least 2, got {self.max_model_len}")
+        if not 0 <= self.speculative_tokens <= 64:
+            raise ConfigError(f"speculative_tokens must be in 0..64 (0: off), got {self.speculative_tokens}")
+        if self.speculative_ngram < 1:
+            raise ConfigError(f"speculative_ngram must be at least 1, got {self.speculative_ngram}")
 
 
 @dataclasses.dataclass
@@ -191,6 +202,7 @@ class Engine:
         self._ids = itertools.count()
         self._seeds = torch.Generator().manual_seed(config.seed)
         self.graph_batch_sizes: list[int] = []
+        self.speculative_proposed = self.speculative_accepted = 0  # draft tokens, over the engine's life
         if config.cuda_graphs and on_cuda and use_kernels:
             if config.graph_batch_sizes:
                 sizes = sorted({s for s in config.graph_batch_sizes if 1 <= s <= config.max_batch_size})
@@ -272,8 +284,12 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> list[StreamDelta]:
-        """Run one scheduling step; returns what each request that produced a token added."""
+        """Run one scheduling step; returns what each request that produced tokens added."""
         schedule = self.scheduler.schedule()
+        verify = self._speculate(schedule.decode)  # (sequence, drafts): verified beside the prompt chunks
+        if verify:
+            drafting = {id(s) for s, _ in verify}
+            schedule.decode = [s for s in schedule.decode if id(s) not in drafting]
         ready: list[Sequence] = []  # sequences whose next token this step samples
         logits = []
         if schedule.decode:
@@ -281,8 +297,11 @@ class Engine:
             for sequence in schedule.decode:
                 sequence.num_computed += 1
             ready += schedule.decode
-        if schedule.prefill:
-            prefill_logits = self.runner.forward(self._prefill_batch(schedule.prefill))
+        verify_logits = []
+        if schedule.prefill or verify:
+            items = [(s, s.tokens[s.num_computed:s.num_computed + chunk], False) for s, chunk in schedule.prefill]
+            items += [(s, [s.tokens[-1], *drafts], True) for s, drafts in verify]
+            chunk_logits = self.runner.forward(self._chunk_batch(items))
             complete = []
             for row, (sequence, chunk) in enumerate(schedule.prefill):
                 sequence.num_computed += chunk
@@ -290,17 +309,60 @@ class Engine:
                     complete.append(row)
                     ready.append(sequence)
             if complete:
-                logits.append(prefill_logits[torch.tensor(complete, device=prefill_logits.device)])
+                logits.append(chunk_logits[torch.tensor(complete, device=chunk_logits.device)])
+            row = len(schedule.prefill)
+            for _, drafts in verify:  # every position's logits: the last token's and each draft's
+                verify_logits.append(chunk_logits[row:row + len(drafts) + 1])
+                row += len(drafts) + 1
         for sequence in [*schedule.decode, *(s for s, _ in schedule.prefill)]:
             self.scheduler.register_full_blocks(sequence)
-        if not ready:
-            return []
-        tokens = self._sample(torch.cat(logits), ready).tolist()
         now = time.perf_counter()
         deltas = []
-        for sequence, token in zip(ready, tokens):
-            deltas.append(self._append(sequence, token, now))
+        if ready:
+            tokens = self._sample(torch.cat(logits), ready).tolist()
+            for sequence, token in zip(ready, tokens):
+                deltas.append(self._append(sequence, token, now))
+        for (sequence, drafts), rows in zip(verify, verify_logits):
+            deltas.append(self._accept(sequence, drafts, rows, now))
         return deltas
+
+    def _speculate(self, decoding: list[Sequence]) -> list[tuple[Sequence, list[int]]]:
+        """Prompt-lookup drafts for the decoding sequences that take them (greedy, no repetition penalty),
+        within their token budget and the cache blocks they hold or can get now."""
+        k = self.config.speculative_tokens
+        if not k:
+            return []
+        verify = []
+        for sequence in decoding:
+            params = sequence.params
+            if not params.greedy or params.repetition_penalty != 1.0:
+                continue
+            room = min(k, params.max_tokens - len(sequence.output_ids) - 1)  # the verified token comes on top
+            drafts = propose_ngram(sequence.tokens, self.config.speculative_ngram, room) if room > 0 else []
+            if drafts and not self.scheduler.reserve(sequence, sequence.num_tokens + len(drafts)):
+                drafts = drafts[:len(sequence.blocks) * self.config.block_size - sequence.num_tokens]
+            if drafts:
+                verify.append((sequence, drafts))
+                self.speculative_proposed += len(drafts)
+        return verify
+
+    def _accept(self, sequence: Sequence, drafts: list[int], logits: torch.Tensor, now: float) -> StreamDelta:
+        """Keep the drafts greedy decoding agrees with, plus the model's next token; one delta for them all."""
+        targets = self._sample(logits, [sequence] * len(logits)).tolist()
+        tokens = accept_greedy(drafts, targets)
+        self.speculative_accepted += len(tokens) - 1
+        sequence.num_computed += len(tokens)  # the last token's and the accepted drafts' keys are valid
+        merged = StreamDelta(sequence.request_id, [], "", False)
+        for token in tokens:
+            delta = self._append(sequence, token, now)
+            merged.token_ids += delta.token_ids
+            merged.text += delta.text
+            merged.finished, merged.finish_reason = delta.finished, delta.finish_reason
+            if delta.finished:  # a stop inside the accepted run: what follows is dropped
+                break
+        if not sequence.finished:
+            self.scheduler.register_full_blocks(sequence)
+        return merged
 
     def _slots(self, sequence: Sequence, positions) -> list[int]:
         """Flat cache slots (block · block_size + offset) of a sequence's token positions."""
@@ -323,17 +385,24 @@ class Engine:
         )
 
     def _prefill_batch(self, chunks: list[tuple[Sequence, int]]) -> Batch:
-        ids, positions, slots, gather, cu_q, cu_k = [], [], [], [], [0], [0]
-        any_prefix = any(s.num_computed for s, _ in chunks)
-        for sequence, chunk in chunks:
-            start, end = sequence.num_computed, sequence.num_computed + chunk
-            ids += sequence.tokens[start:end]
+        """A batch of prompt chunks (sequence, tokens), logits of each chunk's last row."""
+        return self._chunk_batch([(s, s.tokens[s.num_computed:s.num_computed + chunk], False) for s, chunk in chunks])
+
+    def _chunk_batch(self, items: list[tuple[Sequence, list[int], bool]]) -> Batch:
+        """Token runs (sequence, tokens, all_rows) that follow each sequence's computed tokens: prompt chunks
+        (logits of the last row) and speculative verifications (logits of every row, ``all_rows``)."""
+        ids, positions, slots, gather, cu_q, cu_k, rows = [], [], [], [], [0], [0], []
+        any_prefix = any(s.num_computed for s, _, _ in items)
+        for sequence, tokens, all_rows in items:
+            start, end = sequence.num_computed, sequence.num_computed + len(tokens)
+            ids += tokens
             span = range(start, end)
             positions += span
             slots += self._slots(sequence, span)
             if any_prefix:
                 gather += self._slots(sequence, range(end))
-            cu_q.append(cu_q[-1] + chunk)
+            rows += range(cu_q[-1], cu_q[-1] + len(tokens)) if all_rows else [cu_q[-1] + len(tokens) - 1]
+            cu_q.append(cu_q[-1] + len(tokens))
             cu_k.append(cu_k[-1] + end)
         device = self.device
         return Batch(
@@ -343,9 +412,9 @@ class Engine:
             decode=False,
             cu_q=torch.tensor(cu_q, dtype=torch.int32, device=device),
             cu_k=torch.tensor(cu_k, dtype=torch.int32, device=device),
-            max_q=max(chunk for _, chunk in chunks),
+            max_q=max(len(tokens) for _, tokens, _ in items),
             gather=torch.tensor(gather, device=device) if any_prefix else None,
-            logits_rows=torch.tensor(cu_q[1:], device=device) - 1,
+            logits_rows=torch.tensor(rows, device=device),
         )
 
     def _sample(self, logits: torch.Tensor, sequences: list[Sequence]) -> torch.Tensor:
@@ -436,7 +505,8 @@ class Engine:
                 "free_blocks": self.allocator.available, "prefix_cache_hit_blocks": self.allocator.hits,
                 "prefix_cache_query_blocks": self.allocator.queries, "preemptions": self.scheduler.preemptions,
                 "cuda_graph_batch_sizes": self.graph_batch_sizes, "use_kernels": self.use_kernels,
-                "max_model_len": self.max_model_len}
+                "max_model_len": self.max_model_len, "speculative_proposed_tokens": self.speculative_proposed,
+                "speculative_accepted_tokens": self.speculative_accepted}
 
 
 def _find_stop(text: str, stops: list[str], start: int) -> int | None:

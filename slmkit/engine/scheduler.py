@@ -115,6 +115,11 @@ class Scheduler:
         sequence.blocks += [self.allocator.allocate() for _ in range(max(0, needed))]
         return True
 
+    def reserve(self, sequence: Sequence, tokens: int) -> bool:
+        """Blocks for ``sequence``'s first ``tokens`` tokens if they can be had now (speculative drafts
+        beyond its next token); False, and nothing taken, otherwise. Never preempts."""
+        return self._grow(sequence, tokens)
+
     def free(self, sequence: Sequence) -> None:
         """Release a sequence's blocks (finished, aborted or preempted)."""
         self.allocator.release(sequence.blocks)

@@ -106,7 +106,7 @@ def test_slmkit_serve_command_answers_and_stops_cleanly(smollm2_path, stop_signa
     from tests.engine.test_server import post
 
     process = subprocess.Popen([sys.executable, "-m", "slmkit.cli", "serve", "smollm2-135m", "--port", "0", "--quiet",
-                                "--max-model-len", "512"], stderr=subprocess.PIPE, text=True,
+                                "--max-model-len", "512", "--speculative-tokens", "4"], stderr=subprocess.PIPE, text=True,
                                env=dict(os.environ, TQDM_DISABLE="1"))
     try:
         line = ""
