@@ -286,12 +286,8 @@ class _Handler(BaseHTTPRequestHandler):
         if not isinstance(options, dict):
             raise RequestError("'stream_options' must be an object")
         if chat:
-            messages = body.get("messages")
-            if not isinstance(messages, list) or not messages or not all(
-                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                    for m in messages):
-                raise RequestError("'messages' must be a non-empty list of {\"role\": \"...\", \"content\": \"...\"}")
-            request_id, outbox = self.server.loop.submit(params, messages=messages, fill_max_tokens=fill)
+            request_id, outbox = self.server.loop.submit(params, messages=_messages(body.get("messages")),
+                                                         fill_max_tokens=fill)
         else:
             prompt = body.get("prompt")
             if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
@@ -344,6 +340,27 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             self.server.loop.cancel(request_id)
             raise
+
+
+def _messages(messages) -> list[dict[str, str]]:
+    """Chat messages as the template takes them: ``content`` a string, or OpenAI's list of text parts joined."""
+    shape = "'messages' must be a non-empty list of {\"role\": \"...\", \"content\": \"...\"}"
+    if not isinstance(messages, list) or not messages:
+        raise RequestError(shape)
+    plain = []
+    for message in messages:
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise RequestError(shape)
+        content = message.get("content")
+        if isinstance(content, list):
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise RequestError("only text content parts ({\"type\": \"text\", \"text\": \"...\"}) are supported")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise RequestError(shape)
+        plain.append({"role": message["role"], "content": content})
+    return plain
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

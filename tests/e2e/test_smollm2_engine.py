@@ -83,11 +83,15 @@ def test_server_chat_is_the_engine_answer_streamed_or_not(reference):
         server.start()
         status, reply = post(f"{server.url}/v1/chat/completions", body)
         _, streamed = post(f"{server.url}/v1/chat/completions", {**body, "stream": True})
+        parts = {**body, "messages": [{"role": "user", "content": [{"type": "text", "text": QUESTIONS[0][:10]},
+                                                                   {"type": "text", "text": QUESTIONS[0][10:]}]}]}
+        _, from_parts = post(f"{server.url}/v1/chat/completions", parts)
         _, plain = post(f"{server.url}/v1/completions", {"prompt": "The capital of France is", "max_tokens": 5,
                                                          "temperature": 0})
     assert status == 200 and reply["object"] == "chat.completion" and reply["model"] == "smollm2-135m"
     assert reply["choices"][0]["message"] == {"role": "assistant", "content": want.text}
     assert reply["choices"][0]["finish_reason"] == want.finish_reason
+    assert from_parts["choices"][0]["message"]["content"] == want.text  # OpenAI's text parts, joined
     assert reply["usage"]["prompt_tokens"] == len(engine.encode(QUESTIONS[0], chat=True))
     chunks = events(streamed)
     assert chunks[0]["object"] == "chat.completion.chunk" and chunks[0]["choices"][0]["delta"]["role"] == "assistant"

@@ -122,6 +122,8 @@ def test_models_and_health(server):
     ("/v1/completions", {"prompt": "hello"}, 400, "this model has no tokenizer"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, 400, "has no chat template"),
     ("/v1/chat/completions", {"messages": "hi"}, 400, "'messages' must be a non-empty list"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     400, "only text content parts"),
 ])
 def test_bad_requests_get_an_openai_style_error(server, path, body, status, message):
     got, reply = post(f"{server.url}{path}", body, raw=b"{not json" if body is None else None)
