@@ -36,3 +36,25 @@ def test_decode_attention_on_cuda(dtype):
     out = decode_attention(q, k_cache, v_cache, table, lengths)
     ref = decode_attention_ref(q, k_cache, v_cache, table, lengths)
     assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("softcap, window", [(50.0, 0), (0.0, 100), (30.0, 257)])
+def test_softcapped_and_windowed_attention_on_cuda(softcap, window):
+    from slmkit.kernels.decode_attention import decode_attention, decode_attention_ref
+
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    q = torch.randn(648, 8, 128, device="cuda", generator=generator).bfloat16() * 4  # logits large enough to cap
+    k = torch.randn(648, 2, 128, device="cuda", generator=generator).bfloat16()
+    v = torch.randn(648, 2, 128, device="cuda", generator=generator).bfloat16()
+    cu = torch.tensor([0, 1, 131, 648], device="cuda", dtype=torch.int32)
+    out = prefill_attention(q, k, v, cu, softcap=softcap, window=window)
+    ref = prefill_attention_ref(q, k, v, cu, softcap=softcap, window=window)
+    assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
+    k_cache = torch.randn(200, 16, 2, 128, device="cuda", generator=generator).bfloat16()
+    v_cache = torch.randn_like(k_cache)
+    table = torch.randperm(200, device="cuda", generator=generator)[:192].view(3, 64).int()
+    lengths = torch.tensor([1, 500, 1024], device="cuda", dtype=torch.int32)
+    out = decode_attention(q[:3], k_cache, v_cache, table, lengths, softcap=softcap, window=window)
+    ref = decode_attention_ref(q[:3], k_cache, v_cache, table, lengths, softcap=softcap, window=window)
+    assert not out.isnan().any()
+    assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
