@@ -111,7 +111,9 @@ def test_slmkit_serve_command_answers_and_stops_cleanly(smollm2_path, stop_signa
 
     process = subprocess.Popen([sys.executable, "-m", "slmkit.cli", "serve", "smollm2-135m", "--port", "0", "--quiet",
                                 "--max-model-len", "512", "--speculative-tokens", "4"], stderr=subprocess.PIPE, text=True,
-                               env=dict(os.environ, TQDM_DISABLE="1"))
+                               env=dict(os.environ, TQDM_DISABLE="1"),
+                               # as from a terminal: a shell's background job (CI's, say) inherits SIGINT ignored
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = ""
         while "serving" not in line:
