@@ -27,7 +27,7 @@ import torch
 
 import slmkit
 from slmkit.bench import environment, finish, markdown_header, markdown_table, result_files, script_parser
-from slmkit.bench.models import bench_model
+from slmkit.bench.models import load_bench_model
 from slmkit.models.arch import block_linears, blocks, weight_out_in
 from slmkit.prune import MagnitudePruneConfig, prune, to_semi_structured
 
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
         return 2
 
     dtype = getattr(torch, args.dtype)
-    model = bench_model(args.model, dtype, "cuda")
+    model = load_bench_model(args.model, dtype, "cuda")
     prune(model, MagnitudePruneConfig(n_m="2:4"))
     own = sorted({tuple(weight_out_in(m).shape[::-1]) for _, m in block_linears(model, blocks(model)[0])})
     linear_rows = bench_linears(list(own) + [s for s in extra if s not in own], tokens, dtype)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from slmkit.bench.models import bench_model
+from slmkit.bench.models import load_bench_model
 from slmkit.bench.results import environment, markdown_header, markdown_table, result_files, write_results
 from slmkit.errors import SlmkitError
 from slmkit.eval.report import peak_memory_bytes, weight_bytes
@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         baselines = [] if args.baselines == "none" else [b for b in args.baselines.split(",") if b]
     stem = "generation-" + args.model.replace("random:", "random-").replace("/", "--").strip(".-")
     files = result_files(args.out, stem, args.overwrite)
-    model = bench_model(args.model, dtype, device)
+    model = load_bench_model(args.model, dtype, device)
     result = run(model, shapes, batches, baselines, {"cuda_graphs": not args.no_cuda_graphs})
     lines = markdown(result)
     print("\n".join(lines))

@@ -26,18 +26,20 @@ def random_model(name: str, dtype: str | torch.dtype, device: str | torch.device
     """A randomly initialised (seeded) Llama of a named real shape: ``random:llama-1b``, ``random:smollm2-135m``."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
+    from slmkit.models.loading import parse_dtype
+
     key = name.split(":", 1)[1]
     if key not in RANDOM_CONFIGS:
         raise SlmkitError(f"unknown random model {key!r}; known: {', '.join(RANDOM_CONFIGS)}")
     torch.manual_seed(0)
     config = LlamaConfig(**RANDOM_CONFIGS[key])
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=parse_dtype(dtype))
     model.config._name_or_path = name
     return model.eval()
 
 
-def bench_model(source: str, dtype: str | torch.dtype, device: str | torch.device):
+def load_bench_model(source: str, dtype: str | torch.dtype, device: str | torch.device):
     """``random:NAME`` → :func:`random_model`; anything else → ``slmkit.load_model(source, dtype, device)``."""
     if source.startswith("random:"):
         return random_model(source, dtype, device)

@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from slmkit.bench.models import RANDOM_CONFIGS, bench_model, random_model
+from slmkit.bench.models import RANDOM_CONFIGS, load_bench_model, random_model
 from slmkit.errors import SlmkitError
 
 
@@ -18,7 +18,7 @@ def test_random_smollm2_has_the_embedded_model_shape(smollm2_path):
 
 
 def test_random_weights_are_seeded():
-    first, second = (bench_model("random:smollm2-135m", torch.float32, "cpu") for _ in range(2))
+    first, second = (load_bench_model("random:smollm2-135m", torch.float32, "cpu") for _ in range(2))
     assert torch.equal(first.model.layers[3].mlp.up_proj.weight, second.model.layers[3].mlp.up_proj.weight)
 
 
