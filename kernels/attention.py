@@ -30,6 +30,12 @@ if HAVE_TRITON:
     import triton.language as tl
 
     @triton.jit
+    def _softcap_log2(raw, softcap_scale, softcap_log2):
+        """Soft-capped scores in log2 units from raw q·k: softcap · tanh(raw · scale / softcap) · log2(e),
+        with tanh(x) = 2σ(2x) − 1 (``softcap_scale`` = scale / softcap, ``softcap_log2`` = softcap · log2(e))."""
+        return (2.0 * tl.sigmoid(2.0 * raw * softcap_scale) - 1.0) * softcap_log2
+
+    @triton.jit
     def _prefill_attention_kernel(Q, K, V, O, CU_SEQLENS, CU_SEQLENS_K, scale_log2, softcap_scale, softcap_log2,
                                   window, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                                   stride_ot, stride_oh, num_heads, group, head_dim,
@@ -70,8 +76,8 @@ if HAVE_TRITON:
                             mask=(keys[None, :] < length_k) & d_mask[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
                 if DOT_FP32:
                     k = k.to(tl.float32)
-                if SOFTCAP:  # softcap · tanh(s / softcap), tanh(x) = 2σ(2x) − 1, then log2 units
-                    scores = (2.0 * tl.sigmoid(2.0 * tl.dot(q, k) * softcap_scale) - 1.0) * softcap_log2
+                if SOFTCAP:
+                    scores = _softcap_log2(tl.dot(q, k), softcap_scale, softcap_log2)
                 else:
                     scores = tl.dot(q, k) * scale_log2  # (BLOCK_M, BLOCK_N), in log2 units
                 valid = keys[None, :] < length_k

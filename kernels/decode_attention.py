@@ -27,6 +27,8 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
+    from slmkit.kernels.attention import _softcap_log2
+
     @triton.jit
     def _decode_attention_kernel(Q, K_CACHE, V_CACHE, BLOCK_TABLE, SEQ_LENS, PARTIAL_OUT, PARTIAL_MAX, PARTIAL_SUM,
                                  scale_log2, softcap_scale, softcap_log2, window,
@@ -58,8 +60,8 @@ if HAVE_TRITON:
                 t_mask = (positions < length) & (positions >= oldest)
                 k = tl.load(K_CACHE + physical * stride_kblock + offs_t[:, None] * stride_kt + kv_head * stride_kh
                             + offs_d[None, :], mask=t_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-                if SOFTCAP:  # softcap · tanh(s / softcap), tanh(x) = 2σ(2x) − 1, then log2 units
-                    scores = (2.0 * tl.sigmoid(2.0 * tl.sum(k * q[None, :], axis=1) * softcap_scale) - 1.0) * softcap_log2
+                if SOFTCAP:
+                    scores = _softcap_log2(tl.sum(k * q[None, :], axis=1), softcap_scale, softcap_log2)
                 else:
                     scores = tl.sum(k * q[None, :], axis=1) * scale_log2  # (BLOCK_SIZE,), log2 units
                 scores = tl.where(t_mask, scores, float("-inf"))

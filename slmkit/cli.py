@@ -95,21 +95,18 @@ def cmd_generate(args) -> int:
 
 def cmd_serve(args) -> int:
     import signal
-    import socket
 
     from slmkit import load_model
     from slmkit.engine import Engine, EngineConfig
-    from slmkit.engine.server import Server
+    from slmkit.engine.server import Server, check_listen
 
     if not 0 <= args.port <= 65535:
         raise SlmkitError(f"--port must be in 0..65535, got {args.port}")
-    try:  # a taken port fails now, not after the model has loaded
-        socket.create_server((args.host, args.port)).close()
-    except OSError as error:
-        raise SlmkitError(f"cannot listen on {args.host}:{args.port}: {error.strerror or error}") from None
+    check_listen(args.host, args.port)  # a taken port fails now, not after the model has loaded
     config = EngineConfig(max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
                           memory_fraction=args.memory_fraction, speculative_tokens=args.speculative_tokens)
     engine = Engine(load_model(args.model, dtype=args.dtype, device=args.device), config)
+
     def stop(signum, frame):  # `kill` (docker stop, systemd) stops as cleanly as Ctrl-C
         raise KeyboardInterrupt
 

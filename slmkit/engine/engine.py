@@ -299,8 +299,7 @@ class Engine:
             ready += schedule.decode
         verify_logits = []
         if schedule.prefill or verify:
-            items = [(s, s.tokens[s.num_computed:s.num_computed + chunk], False) for s, chunk in schedule.prefill]
-            items += [(s, [s.tokens[-1], *drafts], True) for s, drafts in verify]
+            items = self._prompt_items(schedule.prefill) + [(s, [s.tokens[-1], *drafts], True) for s, drafts in verify]
             chunk_logits = self.runner.forward(self._chunk_batch(items))
             complete = []
             for row, (sequence, chunk) in enumerate(schedule.prefill):
@@ -384,9 +383,10 @@ class Engine:
             seq_lens=torch.tensor([p + 1 for p in positions], dtype=torch.int32, device=device),
         )
 
-    def _prefill_batch(self, chunks: list[tuple[Sequence, int]]) -> Batch:
-        """A batch of prompt chunks (sequence, tokens), logits of each chunk's last row."""
-        return self._chunk_batch([(s, s.tokens[s.num_computed:s.num_computed + chunk], False) for s, chunk in chunks])
+    @staticmethod
+    def _prompt_items(chunks: list[tuple[Sequence, int]]) -> list[tuple[Sequence, list[int], bool]]:
+        """:meth:`_chunk_batch` items of prompt chunks (sequence, chunk length): logits of the last row."""
+        return [(s, s.tokens[s.num_computed:s.num_computed + chunk], False) for s, chunk in chunks]
 
     def _chunk_batch(self, items: list[tuple[Sequence, list[int], bool]]) -> Batch:
         """Token runs (sequence, tokens, all_rows) that follow each sequence's computed tokens: prompt chunks

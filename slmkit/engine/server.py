@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import queue
+import socket
 import threading
 import time
 import uuid
@@ -377,6 +378,19 @@ class _HTTPServer(ThreadingHTTPServer):
         self.created = int(time.time())
 
 
+def _listen_error(host: str, port: int, error: OSError) -> SlmkitError:
+    return SlmkitError(f"cannot listen on {host}:{port}: {error.strerror or error}")
+
+
+def check_listen(host: str, port: int) -> None:
+    """Fail now, with a one-line :class:`SlmkitError`, when ``host:port`` cannot be listened on (a taken
+    port, say): ``slmkit serve`` checks before it spends time loading the model."""
+    try:
+        socket.create_server((host, port)).close()
+    except OSError as error:
+        raise _listen_error(host, port, error) from None
+
+
 class Server:
     """The OpenAI-compatible server over ``engine``, listening on ``host:port`` (port 0: any free one).
 
@@ -396,7 +410,7 @@ class Server:
             self._http = _HTTPServer((host, port), self.loop, self.model_name, quiet)
         except OSError as error:
             self.loop.close()
-            raise SlmkitError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+            raise _listen_error(host, port, error) from None
         self._thread: threading.Thread | None = None
 
     @property

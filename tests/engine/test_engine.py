@@ -67,7 +67,7 @@ def test_prefill_logits_equal_the_model_forward(family, use_kernels):
     engine = Engine(model, SMALL, use_kernels=use_kernels)
     prompt = prompts(13)[0]
     engine.add_request(prompt, SamplingParams(max_tokens=1))
-    batch = engine._prefill_batch(engine.scheduler.schedule().prefill)
+    batch = engine._chunk_batch(engine._prompt_items(engine.scheduler.schedule().prefill))
     batch.logits_rows = None
     with torch.no_grad():
         torch.testing.assert_close(engine.runner.forward(batch), model(torch.tensor([prompt])).logits[0],
