@@ -10,6 +10,7 @@ Paths of block parts are relative to one decoder block; model-level paths are re
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Iterator
 
 import torch
@@ -246,6 +247,17 @@ def block_linears(model: nn.Module, block: nn.Module) -> Iterator[tuple[str, nn.
     """(block-relative path, module) for each linear projection of ``block``."""
     for name in get_spec(model).linear_names():
         yield name, get_module(block, name)
+
+
+def block_targets(model: nn.Module, index: int, block: nn.Module, skip: list[str]) -> dict[str, nn.Module]:
+    """The linears of block ``index`` a transform changes (block-relative path → module).
+
+    Those whose model path (e.g. ``model.layers.3.self_attn.k_proj``) matches one of the ``skip``
+    regexes (``re.search``) are left out.
+    """
+    prefix = f"{get_spec(model).layers}.{index}"
+    return {name: module for name, module in block_linears(model, block)
+            if not any(re.search(pattern, f"{prefix}.{name}") for pattern in skip)}
 
 
 def weight_out_in(module: nn.Module) -> torch.Tensor:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Iterator
 
 import torch
@@ -11,7 +10,7 @@ from torch import nn
 
 from slmkit.config import BaseConfig, ConfigError, LayerwiseFields, check_fraction, check_regexes
 from slmkit.errors import SlmkitError
-from slmkit.models.arch import block_linears, blocks, get_spec, weight_out_in
+from slmkit.models.arch import block_linears, block_targets, blocks, get_spec, weight_out_in
 from slmkit.models.record import get_record
 from slmkit.prune.masks import parse_n_m
 
@@ -55,16 +54,6 @@ class CalibratedSparsityConfig(LayerwiseFields, SparsityConfig):
         self.check_layerwise()
 
 
-def block_targets(model: nn.Module, index: int, block: nn.Module, config: SparsityConfig) -> dict[str, nn.Module]:
-    """The linears of block ``index`` to prune (block-relative name → module), minus ``config.skip``."""
-    prefix = f"{get_spec(model).layers}.{index}"
-    return {
-        name: module
-        for name, module in block_linears(model, block)
-        if not any(re.search(pattern, f"{prefix}.{name}") for pattern in config.skip)
-    }
-
-
 def require_float_linear(module: nn.Module, path: str) -> None:
     """Fail unless ``module`` is a linear with float weights (pruning works before quantization)."""
     weight = getattr(module, "weight", None)
@@ -84,7 +73,7 @@ def check_prunable(model: nn.Module, config: SparsityConfig) -> None:
     pattern = config.pattern
     prefix = get_spec(model).layers
     for index, block in enumerate(blocks(model)):
-        for name, module in block_targets(model, index, block, config).items():
+        for name, module in block_targets(model, index, block, config.skip).items():
             require_float_linear(module, f"{prefix}.{index}.{name}")
             columns = weight_out_in(module).shape[1]
             if pattern and columns % pattern[1]:
@@ -140,7 +129,7 @@ def prune_layerwise(model: nn.Module, config: CalibratedSparsityConfig, calib: t
     check_prunable(model, config)
     tokens = calibration.cap_length(calib, config.max_seq_len)
     for layer in calibration.layerwise(model, tokens, config.batch_size, config.device, desc=desc):
-        targets = block_targets(model, layer.index, layer.block, config)
+        targets = block_targets(model, layer.index, layer.block, config.skip)
         groups = dict(input_groups(model, targets))
         stats = calibration.observe_inputs(layer, {name: targets[name] for name in groups}, reduce)
         for representative, members in groups.items():

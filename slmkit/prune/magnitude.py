@@ -8,9 +8,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from slmkit.config import register
-from slmkit.models.arch import blocks, weight_out_in
+from slmkit.models.arch import block_targets, blocks, weight_out_in
 from slmkit.models.record import get_record
-from slmkit.prune.base import SparsityConfig, apply_mask, block_targets, check_prunable, linear_sparsity
+from slmkit.prune.base import SparsityConfig, apply_mask, check_prunable, linear_sparsity
 from slmkit.prune.masks import magnitude_scores, n_m_mask, unstructured_mask
 
 
@@ -27,7 +27,7 @@ def magnitude(model: nn.Module, config: MagnitudePruneConfig) -> nn.Module:
     check_prunable(model, config)
     pattern = config.pattern
     for index, block in enumerate(tqdm(blocks(model), desc="magnitude", unit="block")):
-        for module in block_targets(model, index, block, config).values():
+        for module in block_targets(model, index, block, config.skip).values():
             scores = magnitude_scores(weight_out_in(module))
             mask = n_m_mask(scores, *pattern) if pattern else unstructured_mask(scores, config.sparsity, per_row=False)
             apply_mask(module, mask)

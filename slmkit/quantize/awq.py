@@ -20,9 +20,9 @@ from torch import nn
 
 from slmkit import calib as calibration
 from slmkit.config import check_range, register
-from slmkit.models.arch import block_linears, fold_groups, get_spec, weight_out_in
+from slmkit.models.arch import block_linears, block_targets, fold_groups, get_spec, weight_out_in
 from slmkit.models.record import get_record
-from slmkit.quantize.base import (CalibratedWeightQuantConfig, ClipSearchFields, quantize_targets,
+from slmkit.quantize.base import (CalibratedWeightQuantConfig, ClipSearchFields,
                                   replace_with_weight_only, require_unquantized)
 from slmkit.quantize.groupwise import fake_quantize, group_params, quantize_codes, search_clip
 from slmkit.quantize.smoothquant import expand_heads, fold_scales, group_heads
@@ -100,7 +100,7 @@ def awq(model: nn.Module, config: AWQConfig, calib: torch.Tensor) -> nn.Module:
     tokens = calibration.cap_length(calib, config.max_seq_len)
     chosen_alpha = record.metrics.setdefault("awq_alpha", {})
     for layer in calibration.layerwise(model, tokens, config.batch_size, config.device, desc="awq"):
-        targets = quantize_targets(model, layer.index, layer.block, config.skip)
+        targets = block_targets(model, layer.index, layer.block, config.skip)
         linears = dict(block_linears(model, layer.block))
         representative = {name: group[0] for group in spec.input_groups() for name in group}
         reps = {representative[name] for name in targets}

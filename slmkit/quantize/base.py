@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 
 import torch
 from torch import nn
@@ -79,13 +78,6 @@ class ClipSearchFields:
         check_range("clip_grid", self.clip_grid, 1, 1000, int)
         if self.clip and self.max_shrink == 0:
             raise ConfigError("max_shrink must be > 0 when clip is on (or set clip: false)")
-
-
-def quantize_targets(model: nn.Module, index: int, block: nn.Module, skip: list[str]) -> dict[str, nn.Module]:
-    """The linears of block ``index`` to quantize (block-relative name → module), minus ``skip`` regexes."""
-    prefix = f"{get_spec(model).layers}.{index}"
-    return {name: module for name, module in block_linears(model, block)
-            if not any(re.search(pattern, f"{prefix}.{name}") for pattern in skip)}
 
 
 def require_unquantized(model: nn.Module, what: str) -> None:

@@ -26,9 +26,9 @@ from torch import nn
 
 from slmkit import calib as calibration
 from slmkit.config import check_range, check_type, register
-from slmkit.models.arch import get_spec, weight_out_in
+from slmkit.models.arch import block_targets, get_spec, weight_out_in
 from slmkit.models.record import get_record
-from slmkit.quantize.base import (CalibratedWeightQuantConfig, ClipSearchFields, quantize_targets,
+from slmkit.quantize.base import (CalibratedWeightQuantConfig, ClipSearchFields,
                                   replace_with_weight_only, require_unquantized)
 from slmkit.quantize.groupwise import SCALE_DTYPE, group_params, qrange, search_clip
 
@@ -166,7 +166,7 @@ def gptq(model: nn.Module, config: GPTQConfig, calib: torch.Tensor) -> nn.Module
     spec = get_spec(model)
     fallbacks = []
     for layer in calibration.layerwise(model, tokens, config.batch_size, config.device, desc="gptq"):
-        targets = quantize_targets(model, layer.index, layer.block, config.skip)
+        targets = block_targets(model, layer.index, layer.block, config.skip)
         groups = [[n for n in group if n in targets] for group in spec.input_groups()]
         groups = [g for g in groups if g]
         stats = calibration.observe_inputs(layer, {g[0]: targets[g[0]] for g in groups}, calibration.gram_reduce)

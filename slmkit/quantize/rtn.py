@@ -9,8 +9,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from slmkit.config import register
-from slmkit.models.arch import blocks, weight_out_in
-from slmkit.quantize.base import WeightQuantConfig, quantize_targets, replace_with_weight_only, require_unquantized
+from slmkit.models.arch import block_targets, blocks, weight_out_in
+from slmkit.quantize.base import WeightQuantConfig, replace_with_weight_only, require_unquantized
 from slmkit.quantize.groupwise import group_params, quantize_codes
 
 
@@ -26,7 +26,7 @@ def rtn(model: nn.Module, config: RTNConfig) -> nn.Module:
     """Quantize every block linear of ``model`` (except ``config.skip``) to integer weights, in place."""
     require_unquantized(model, "rtn")
     for index, block in enumerate(tqdm(blocks(model), desc="rtn", unit="block")):
-        for name, module in quantize_targets(model, index, block, config.skip).items():
+        for name, module in block_targets(model, index, block, config.skip).items():
             weight = weight_out_in(module)
             scale, zero = group_params(weight, config.bits, config.group_size, config.symmetric)
             codes = quantize_codes(weight, scale, zero, config.bits, config.group_size)

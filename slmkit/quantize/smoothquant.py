@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from slmkit import calib as calibration
 from slmkit.config import (BaseConfig, ConfigError, check_choice, check_fraction, check_range, check_regexes,
                            check_type, register)
-from slmkit.models.arch import FoldGroup, block_linears, blocks, fold_groups, get_spec, set_module, weight_out_in
+from slmkit.models.arch import FoldGroup, block_linears, block_targets, blocks, fold_groups, get_spec, set_module, weight_out_in
 from slmkit.models.record import get_record
 from slmkit.quantize.base import require_unquantized
 from slmkit.quantize.gptq import gptq_quantize
@@ -248,15 +248,42 @@ def block_search_inputs(layer: calibration.LayerCalibration, tokens: int) -> tup
             {key: _batch_rows(value, rows, batch) for key, value in kwargs.items()})
 
 
+def trial_block_error(model: nn.Module, layer: calibration.LayerCalibration, inputs: tuple,
+                      reference: torch.Tensor, input_abs_max: dict[str, torch.Tensor],
+                      config: SmoothQuantConfig, alphas: dict[str, float]) -> float:
+    """Squared error against ``reference`` of the block's output on ``inputs`` (hidden, args, kwargs)
+    when smoothed with ``alphas`` per site and quantized as :func:`quantize_block` would (round-to-nearest
+    int8 weights; ``config.skip`` stays float). The block is left exactly as it was."""
+    block = layer.block
+    saved = {key: value.clone() for key, value in block.state_dict().items()}
+    abs_max = dict(input_abs_max)
+    with torch.no_grad():
+        try:
+            smooth_block(model, block, abs_max, dataclasses.replace(config, alpha_grid=None), alphas=alphas)
+            linears = list(block_targets(model, layer.index, block, config.skip).items())
+            try:
+                for name, module in linears:
+                    quantized = W8A8Linear.from_float(weight_out_in(module), getattr(module, "bias", None),
+                                                      config.activations, abs_max.get(name))
+                    set_module(block, name, quantized)
+                return float((calibration.run_block(block, *inputs).float() - reference).pow(2).sum())
+            finally:
+                for name, module in linears:
+                    set_module(block, name, module)
+        finally:
+            block.load_state_dict(saved)
+
+
 def search_alphas_by_block_output(model: nn.Module, layer: calibration.LayerCalibration,
                                   input_abs_max: dict[str, torch.Tensor], samples: dict[str, torch.Tensor],
                                   config: SmoothQuantConfig) -> dict[str, float]:
     """Per-site strengths for the lowest W8A8 error of the block's output (``search_objective="block"``).
 
     Starts from each site's own best (:func:`best_alpha`), then tries every strength of the grid at one
-    site at a time, the others held, keeping a change when the squared error of the block's output (every
-    linear a real :class:`W8A8Linear`, on :func:`block_search_inputs`) drops. The block is restored
-    exactly after each trial; the caller applies the result with :func:`smooth_block`.
+    site at a time, the others held, keeping a change when the squared error of the block's output drops.
+    The output is that of the block :func:`quantize_block` will make: every linear a real :class:`W8A8Linear`
+    except those ``config.skip`` keeps float, run on :func:`block_search_inputs` (:func:`trial_block_error`).
+    The block is restored exactly after each trial; the caller applies the result with :func:`smooth_block`.
     """
     block = layer.block
     names = {id(module): name for name, module in block_linears(model, block)}
@@ -266,52 +293,30 @@ def search_alphas_by_block_output(model: nn.Module, layer: calibration.LayerCali
         target_names, act = _site_inputs(group, names, input_abs_max)
         alphas[group.name] = best_alpha(group, act, samples[target_names[0]], config)
     inputs = block_search_inputs(layer, config.search_tokens)
-    saved = {key: value.clone() for key, value in block.state_dict().items()}
-    fixed = dataclasses.replace(config, alpha_grid=None)
     with torch.no_grad():
         reference = calibration.run_block(block, *inputs).float()
-
-        def error(trial: dict[str, float]) -> float:
-            abs_max = dict(input_abs_max)
-            try:
-                smooth_block(model, block, abs_max, fixed, alphas=trial)
-                linears = list(block_linears(model, block))
-                try:
-                    for name, module in linears:
-                        quantized = W8A8Linear.from_float(weight_out_in(module), getattr(module, "bias", None),
-                                                          config.activations, abs_max.get(name))
-                        set_module(block, name, quantized)
-                    return float((calibration.run_block(block, *inputs).float() - reference).pow(2).sum())
-                finally:
-                    for name, module in linears:
-                        set_module(block, name, module)
-            finally:
-                block.load_state_dict(saved)
-
-        best = error(alphas)
-        for group in groups:
-            for alpha in config.alpha_grid:
-                if alpha == alphas[group.name]:
-                    continue
-                trial = {**alphas, group.name: alpha}
-                trial_error = error(trial)
-                if trial_error < best:
-                    best, alphas = trial_error, trial
+    best = trial_block_error(model, layer, inputs, reference, input_abs_max, config, alphas)
+    for group in groups:
+        for alpha in config.alpha_grid:
+            if alpha == alphas[group.name]:
+                continue
+            trial = {**alphas, group.name: alpha}
+            trial_error = trial_block_error(model, layer, inputs, reference, input_abs_max, config, trial)
+            if trial_error < best:
+                best, alphas = trial_error, trial
     return alphas
 
 
-def quantize_block(block: nn.Module, prefix: str, linears: list[tuple[str, nn.Module]],
+def quantize_block(block: nn.Module, prefix: str, linears: dict[str, nn.Module],
                    input_abs_max: dict[str, torch.Tensor], config: SmoothQuantConfig,
                    hessians: dict[str, torch.Tensor] | None = None) -> dict[str, dict]:
-    """Replace each linear of ``block`` (unless skipped) by a W8A8Linear; return their layouts by path.
+    """Replace each of ``linears`` (block-relative name → linear) by a W8A8Linear; return layouts by path.
 
     With ``hessians`` (input XᵀX per linear, after smoothing) the int8 weights are rounded by GPTQ.
     """
     layouts = {}
-    for name, module in linears:
+    for name, module in linears.items():
         path = f"{prefix}.{name}"
-        if any(re.search(pattern, path) for pattern in config.skip):
-            continue
         if hessians is not None:
             codes, scale, _, _ = gptq_quantize(weight_out_in(module), hessians[name], 8, None, True,
                                                config.gptq_block_size, config.gptq_damp, config.gptq_act_order,
@@ -443,7 +448,6 @@ def smoothquant(model: nn.Module, config: SmoothQuantConfig, calib: torch.Tensor
                 alphas = search_alphas_by_block_output(model, layer, input_abs_max, samples, config)
             chosen = smooth_block(model, layer.block, input_abs_max, config, samples, scales, alphas)
             record.metrics.setdefault("smoothquant_alpha", {})[str(layer.index)] = chosen
-            linears = list(block_linears(model, layer.block))
         hessians = None
         if gptq:  # the smoothed input is x / s, so its XᵀX is divided by s_i s_j
             hessians = {}
@@ -454,6 +458,7 @@ def smoothquant(model: nn.Module, config: SmoothQuantConfig, calib: torch.Tensor
                     gram = gram / (scale[:, None] * scale[None, :])
                 hessians[name] = gram * (2.0 / count)
         prefix = f"{layers_path}.{layer.index}"
-        record.modules.update(quantize_block(layer.block, prefix, linears, input_abs_max, config, hessians))
+        targets = block_targets(model, layer.index, layer.block, config.skip)
+        record.modules.update(quantize_block(layer.block, prefix, targets, input_abs_max, config, hessians))
         del stats, hessians
     return model

@@ -178,6 +178,35 @@ def test_block_objective_search_restores_the_block_and_lowers_its_output_error()
     assert block_error(alphas) < block_error({site: 0.0 for site in FOLD_SITES})
 
 
+def test_block_objective_trials_score_the_block_quantize_block_makes_with_skips():
+    from slmkit.quantize.smoothquant import block_search_inputs, quantize_block, trial_block_error
+
+    model = _outlier_model()
+    config = SmoothQuantConfig(skip=[r"q_proj", r"layers\.0\.mlp\.down_proj"], search_tokens=64)
+    layer = next(calibration.layerwise(model, random_tokens(8, 32), batch_size=8))
+    stats = calibration.observe_inputs(layer, dict(arch.block_linears(model, layer.block)),
+                                       calibration.abs_max_reduce)
+    inputs = block_search_inputs(layer, 64)
+    alphas = {site: 0.75 for site in FOLD_SITES}
+    with torch.no_grad():
+        reference = calibration.run_block(layer.block, *inputs).float()
+    trial = trial_block_error(model, layer, inputs, reference, stats, config, alphas)
+
+    made = copy.deepcopy(model)  # the block the quantize step makes from the same choice
+    block, abs_max = arch.blocks(made)[0], dict(stats)
+    smooth_block(made, block, abs_max, config, alphas=alphas)
+    targets = arch.block_targets(made, 0, block, config.skip)
+    assert "self_attn.q_proj" not in targets and "mlp.down_proj" not in targets and "self_attn.k_proj" in targets
+    layouts = quantize_block(block, "model.layers.0", targets, abs_max, config)
+    assert sorted(layouts) == sorted(f"model.layers.0.{name}" for name in targets)
+    with torch.no_grad():
+        made_error = float((calibration.run_block(block, *inputs).float() - reference).pow(2).sum())
+    assert trial == pytest.approx(made_error, rel=1e-5)
+    # every linear quantized (what the trials scored before) is a different block, with a larger error
+    everything = trial_block_error(model, layer, inputs, reference, stats, SmoothQuantConfig(), alphas)
+    assert everything > 1.05 * made_error
+
+
 def test_block_objective_end_to_end_beats_no_smoothing():
     reference = _outlier_model()
     tokens, test_tokens = random_tokens(8, 32), random_tokens(4, 32, seed=9)
