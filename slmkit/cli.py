@@ -100,9 +100,7 @@ def cmd_serve(args) -> int:
     from slmkit.engine import Engine, EngineConfig
     from slmkit.engine.server import Server, check_listen
 
-    if not 0 <= args.port <= 65535:
-        raise SlmkitError(f"--port must be in 0..65535, got {args.port}")
-    check_listen(args.host, args.port)  # a taken port fails now, not after the model has loaded
+    check_listen(args.host, args.port, "--port")  # a bad or taken port fails now, not after the model has loaded
     config = EngineConfig(max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
                           memory_fraction=args.memory_fraction, speculative_tokens=args.speculative_tokens)
     engine = Engine(load_model(args.model, dtype=args.dtype, device=args.device), config)

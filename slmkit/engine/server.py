@@ -382,9 +382,16 @@ def _listen_error(host: str, port: int, error: OSError) -> SlmkitError:
     return SlmkitError(f"cannot listen on {host}:{port}: {error.strerror or error}")
 
 
-def check_listen(host: str, port: int) -> None:
-    """Fail now, with a one-line :class:`SlmkitError`, when ``host:port`` cannot be listened on (a taken
-    port, say): ``slmkit serve`` checks before it spends time loading the model."""
+def check_port(port: int, what: str = "port") -> None:
+    """Raise a one-line :class:`SlmkitError` unless ``port`` is an int in 0..65535 (0: any free port)."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise SlmkitError(f"{what} must be in 0..65535, got {port!r}")
+
+
+def check_listen(host: str, port: int, what: str = "port") -> None:
+    """Fail now, with a one-line :class:`SlmkitError`, when ``host:port`` cannot be listened on (a port
+    out of range or taken, say): ``slmkit serve`` checks before it spends time loading the model."""
+    check_port(port, what)
     try:
         socket.create_server((host, port)).close()
     except OSError as error:
@@ -403,6 +410,7 @@ class Server:
                  quiet: bool = False):
         from slmkit.models.record import get_record
 
+        check_port(port)
         self.model_name = model_name or str(get_record(engine.model).source or engine.model.config._name_or_path
                                             or "model")
         self.loop = EngineLoop(engine)

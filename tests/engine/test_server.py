@@ -157,3 +157,21 @@ def test_an_engine_failure_fails_the_open_requests_and_the_loop_goes_on(model):
         status, reply = post(f"{server.url}/v1/completions", body)
     assert failed[0] == 500 and "the engine failed: RuntimeError: device lost" in failed[1]["error"]["message"]
     assert status == 200 and reply["choices"][0]["token_ids"] == expected(model, [3, 4, 5], 4)
+
+
+@pytest.mark.parametrize("port", [70000, -1, "8000", True])
+def test_a_bad_port_is_a_one_line_error_before_the_engine_thread_starts(model, port):
+    from slmkit.errors import SlmkitError
+
+    before = sum(thread.name == "slmkit-engine" for thread in threading.enumerate())
+    with pytest.raises(SlmkitError, match=r"^port must be in 0\.\.65535, got .+$"):
+        Server(Engine(model, CONFIG), port=port, quiet=True)
+    assert sum(thread.name == "slmkit-engine" for thread in threading.enumerate()) == before
+
+
+def test_a_taken_port_is_a_one_line_error(server, model):
+    from slmkit.errors import SlmkitError
+
+    port = int(server.url.rsplit(":", 1)[1])
+    with pytest.raises(SlmkitError, match=rf"^cannot listen on 127\.0\.0\.1:{port}: "):
+        Server(Engine(model, CONFIG), port=port, quiet=True)
