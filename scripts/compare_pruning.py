@@ -9,7 +9,9 @@ dense model, parameters, bytes of the saved checkpoint's weights file, and pruni
 
 Usage:
     python scripts/compare_pruning.py [--model smollm2-135m] [--calib-blocks 64] [--max-tokens 16384]
-        [--only wanda-50,sparsegpt-2:4] [--out benchmarks/results/cpu] [--overwrite]
+        [--only wanda-50,sparsegpt-2:4] [--update] [--out benchmarks/results/cpu] [--overwrite]
+
+``--update`` re-measures only the ``--only`` rows and keeps the others of the existing result.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from pathlib import Path
 
 import slmkit
 from slmkit import DepthPruneConfig, MagnitudePruneConfig, SparseGPTConfig, WandaConfig, WidthPruneConfig
-from slmkit.bench import (data_note, environment, finish, markdown_header, markdown_table, quality_inputs,
-                          result_files, script_parser, selected_variants)
+from slmkit.bench import (data_note, environment, finish, markdown_header, markdown_table, merge_rows, previous_rows,
+                          quality_inputs, result_files, script_parser, selected_variants)
 from slmkit.eval.report import parameter_count
 from slmkit.models.checkpoint import WEIGHTS
 from slmkit.prune import linear_sparsity
@@ -49,10 +51,17 @@ VARIANTS = {
 def main(argv=None) -> int:
     parser = script_parser(__doc__, quality=True)
     parser.add_argument("--only", default="", help="comma-separated variant keys: " + ", ".join(VARIANTS))
+    parser.add_argument("--update", action="store_true",
+                        help="re-measure only the --only variants and replace their rows in the existing result")
     args = parser.parse_args(argv)
     try:
         keys = selected_variants(args.only, VARIANTS)
-        files = result_files(args.out, "smollm2-pruning-comparison", args.overwrite)
+        files = result_files(args.out, "smollm2-pruning-comparison", args.overwrite or args.update)
+        previous = previous_rows(
+            files[0], args.update,
+            lambda old: (old["model"], old["calibration"]["blocks"], old["evaluation"]["max_tokens"])
+            == (args.model, args.calib_blocks, args.max_tokens),
+            "model, calibration or evaluation length")
         reference, calib, eval_config = quality_inputs(args)
     except slmkit.SlmkitError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -76,12 +85,18 @@ def main(argv=None) -> int:
             print(f"{label}: ppl {report.perplexity:.3f}, {file_bytes / 1e6:.1f} MB, {seconds:.0f} s", flush=True)
             del model
 
+    if previous:  # keep the earlier rows of the variants not re-measured, in the table's order
+        rows = sorted(merge_rows(previous, rows), key=lambda row: list(VARIANTS).index(row["key"]))
     result = {**environment(), "model": args.model, "reference_params": parameter_count(reference),
               "reference_file_bytes": dense_bytes,
               "calibration": {"blocks": args.calib_blocks, "block_len": 512, "split": "calib"},
               "evaluation": eval_config.to_dict(), "rows": rows}
+    if previous:
+        result["updated_rows"] = keys  # measured by this command; the other rows by an earlier run
     reference_ppl = rows[0]["reference_perplexity"]
     lines = markdown_header(result, f"Pruning {args.model}: quality against the dense float32 model (one-shot, no healing)")
+    if previous:
+        lines += [f"Rows re-measured by this command: {', '.join(keys)}; the others come from the earlier run.", ""]
     lines += [data_note(rows[0]["tokens"], eval_config, args.calib_blocks)
               + " File = the checkpoint's weights file (sparse tensors stored as values + bitmask).", ""]
     header = ["model", "perplexity", "Δ vs dense", "KL mean (nats)", "top-1 agreement", "parameters",

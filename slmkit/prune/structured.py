@@ -59,8 +59,9 @@ class WidthPruneConfig(BaseConfig):
     hidden: float = 0.0  # fraction of hidden (embedding) channels removed
     # Instead of fractions: parameters to keep, as a fraction of the model's (0 < b < 1) or a count (b > 1).
     # The same fraction is then removed from each of ``budget_dims`` the family supports, the smallest
-    # that meets the budget. FFN only is the default: on SmolLM2 at 90% of the parameters it kept
-    # perplexity at +22% where heads + FFN + hidden gave +172% (benchmarks/results/cpu).
+    # that meets the budget; what rounding to whole heads and divisible widths overshot is given back,
+    # FFN first (``plan_for_budget``). FFN only is the default: on SmolLM2 at 90% of the parameters it kept
+    # perplexity at +22% where heads + FFN + hidden gave +160% (benchmarks/results/cpu).
     param_budget: float | None = None
     budget_dims: list[str] = dataclasses.field(default_factory=lambda: ["ffn"])
     importance: str = "activation"  # "activation" (Minitron) or "taylor" (first-order, needs gradients)
@@ -207,8 +208,14 @@ def planned_params(config, plan: WidthPlan, per_layer: bool = False) -> int:
     return config_params(pruned_config(config, plan, per_layer))
 
 
-def plan_for_budget(model: nn.Module, config: WidthPruneConfig) -> tuple[WidthPlan, float]:
-    """The smallest equal fraction over the budget dimensions whose plan keeps ≤ the budget's parameters."""
+def plan_for_budget(model: nn.Module, config: WidthPruneConfig) -> tuple[WidthPlan, dict[str, float]]:
+    """The plan (and fraction removed per dimension) that keeps the most parameters within the budget.
+
+    First the smallest equal fraction over the budget dimensions whose plan meets the budget; then, as
+    rounding to whole heads and to hidden sizes divisible by every head count can overshoot by a coarse
+    step, each dimension in turn, finest first (FFN, hidden, heads), gets back as much as the budget
+    allows, the others held.
+    """
     total = parameter_count(model)
     budget = config.param_budget * total if config.param_budget < 1 else config.param_budget
     if budget >= total:
@@ -218,30 +225,44 @@ def plan_for_budget(model: nn.Module, config: WidthPruneConfig) -> tuple[WidthPl
         raise SlmkitError(f"none of budget_dims {config.budget_dims} can be pruned for this architecture "
                           f"(supported: {', '.join(get_spec(model).width_dims)})")
 
-    def plan_at(fraction: float) -> WidthPlan | None:
-        fractions = {d: (fraction if d in dims else 0.0) for d in WIDTH_DIMS}
+    def plan_of(fractions: dict[str, float]) -> WidthPlan | None:
         try:
             return plan_width(model, fractions["heads"], fractions["ffn"], fractions["hidden"],
                               config.head_unit, config.multiple_of)
         except SlmkitError:
             return None
 
+    def plan_at(fraction: float) -> WidthPlan | None:
+        return plan_of({d: (fraction if d in dims else 0.0) for d in WIDTH_DIMS})
+
+    def fits(plan: WidthPlan | None) -> bool:
+        return plan is not None and planned_params(model.config, plan) <= budget
+
     high = 0.95
-    smallest = plan_at(high)
-    if smallest is None or planned_params(model.config, smallest) > budget:
+    if not fits(plan_at(high)):
         high = 0.66  # heads rounding can make large fractions invalid; retry at a smaller maximum
-        smallest = plan_at(high)
-        if smallest is None or planned_params(model.config, smallest) > budget:
+        if not fits(plan_at(high)):
             raise SlmkitError(f"param_budget {budget:,.0f} cannot be reached by width pruning of {', '.join(dims)}")
     low = 0.0
     for _ in range(20):  # bisection on the fraction; parameters fall as the fraction grows
         mid = (low + high) / 2
-        plan = plan_at(mid)
-        if plan is not None and planned_params(model.config, plan) <= budget:
+        if fits(plan_at(mid)):
             high = mid
         else:
             low = mid
-    return plan_at(high), high
+    fractions = {d: (high if d in dims else 0.0) for d in WIDTH_DIMS}
+    for dim in [d for d in ("ffn", "hidden", "heads") if d in dims]:  # give back what rounding overshot
+        low, high = 0.0, fractions[dim]
+        if fits(plan_of({**fractions, dim: low})):
+            high = low
+        for _ in range(20):
+            mid = (low + high) / 2
+            if fits(plan_of({**fractions, dim: mid})):
+                high = mid
+            else:
+                low = mid
+        fractions[dim] = high
+    return plan_of(fractions), fractions
 
 
 # --- choosing which structures to keep -----------------------------------------------------------
@@ -431,9 +452,7 @@ def prune_width(model: nn.Module, config: WidthPruneConfig, calib: torch.Tensor)
                           "can only be pruned uniformly (per_layer: false)")
     require_float_linears(model)
     if config.param_budget is not None:
-        plan, fraction = plan_for_budget(model, config)
-        dims = [d for d in config.budget_dims if d in get_spec(model).width_dims]
-        fractions = {d: (fraction if d in dims else 0.0) for d in WIDTH_DIMS}
+        plan, fractions = plan_for_budget(model, config)
     else:
         fractions = {d: getattr(config, d) for d in WIDTH_DIMS}
         _check_dims(model, fractions)

@@ -1,5 +1,7 @@
 """Structured width and depth pruning: really smaller models, dead structures removed exactly, errors."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -109,6 +111,25 @@ def test_param_budget_is_met():
     prune(model, WidthPruneConfig(param_budget=0.75, budget_dims=["heads", "ffn", "hidden"]), calib=CALIB)
     assert 0.6 * before < parameter_count(model) <= 0.75 * before
     assert model.slmkit.metrics["width"]["params_after"] == parameter_count(model)
+
+
+@pytest.mark.parametrize("budget, dims, at_least", [(0.9, ["heads", "ffn", "hidden"], 0.87),
+                                                     (0.75, ["heads", "ffn", "hidden"], 0.745),
+                                                     (0.9, ["heads", "ffn"], 0.895), (0.9, ["ffn"], 0.895)])
+def test_param_budget_gives_back_what_rounding_overshot(budget, dims, at_least):
+    from slmkit.bench.models import random_model
+    from slmkit.prune.structured import plan_for_budget, planned_params
+
+    # SmolLM2's shape (on the meta device: only sizes): 9 heads in 3 groups and a hidden size that must stay
+    # a multiple of lcm(8, heads) = 72 make coarse steps; equal fractions alone landed at 84% for 90%
+    model = random_model("random:smollm2-135m", "float32", "meta")
+    total = parameter_count(model)
+    plan, fractions = plan_for_budget(model, WidthPruneConfig(param_budget=budget, budget_dims=dims))
+    assert at_least * total <= planned_params(model.config, plan) <= budget * total
+    assert all(fractions[d] == 0 for d in ("heads", "ffn", "hidden") if d not in dims)
+    if fractions["ffn"] > 0:  # one more FFN step (8 channels in every layer) would not fit
+        wider = dataclasses.replace(plan, ffn=[width + 8 for width in plan.ffn])
+        assert planned_params(model.config, wider) > budget * total
 
 
 def test_taylor_importance_runs_and_finds_dead_channels():
