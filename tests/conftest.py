@@ -9,6 +9,17 @@ import torch
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # kernels run on the CPU interpreter in tests
 
+
+
+def pytest_configure(config):
+    """Stop at once, in one line, when this Triton/NumPy pair cannot run the kernels' interpreter tests."""
+    from slmkit.kernels._launch import HAVE_TRITON, interpreter_problem, interpreting
+
+    problem = HAVE_TRITON and interpreting() and interpreter_problem()
+    if problem:
+        raise pytest.UsageError(problem)
+
+
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2")
 
 
@@ -64,11 +75,24 @@ def smollm2_tokenizer(smollm2_path):
     return AutoTokenizer.from_pretrained(smollm2_path)
 
 
+def gpu_skip_reason(cuda_available: bool, interpreted: bool) -> str | None:
+    """Why the ``gpu`` tests cannot run here, or None. They check the compiled kernels, so under
+    TRITON_INTERPRET=1 (this conftest's default, for the CPU tests) they would only re-test the interpreter."""
+    if not cuda_available:
+        return "needs a CUDA GPU"
+    if interpreted:
+        return "GPU tests check compiled kernels: run them with TRITON_INTERPRET=0 (scripts/gpu_bench.sh does)"
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
-    """GPU tests skip cleanly (with a reason) where CUDA is not available."""
-    if torch.cuda.is_available():
+    """GPU tests skip cleanly (with a reason) where CUDA is not available or kernels are interpreted."""
+    from slmkit.kernels._launch import interpreting
+
+    reason = gpu_skip_reason(torch.cuda.is_available(), interpreting())
+    if reason is None:
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip = pytest.mark.skip(reason=reason)
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

@@ -19,6 +19,19 @@ def test_the_kernel_path_runs_in_these_tests():
     assert use_triton(torch.zeros(1))  # tests/conftest.py sets TRITON_INTERPRET=1 before triton loads
 
 
+@pytest.mark.parametrize("triton_version, numpy_version, broken", [
+    ("3.6.0", "2.4.6", True), ("3.2.0", "2.4.0", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.6", False),
+    ("3.9.0", "3.0.0", False), ("4.0.0", "2.4.6", False), ("3.6.0+git1a2b", "2.4.0rc1", True)])
+def test_interpreter_problem_names_the_broken_triton_numpy_pairs(triton_version, numpy_version, broken):
+    from slmkit.kernels._launch import interpreter_problem
+
+    problem = interpreter_problem(triton_version, numpy_version)
+    assert (problem is not None) == broken
+    if broken:  # measured: triton 3.6.0 + numpy 2.4.6 fails every looping kernel; with numpy 2.3.5 all pass
+        assert problem == (f"Triton {triton_version}'s CPU interpreter (TRITON_INTERPRET=1) cannot run with NumPy "
+                           f"{numpy_version}: install triton>=3.7 or numpy<2.4")
+
+
 @pytest.mark.parametrize("dtype, atol, rtol", CASES)
 @pytest.mark.parametrize("shape", [(5, 123), (3, 7, 96), (2049,)])
 def test_swiglu_matches_reference(shape, dtype, atol, rtol):
