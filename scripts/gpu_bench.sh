@@ -55,6 +55,7 @@ RESULTS="${RESULTS:-/tmp/gpu-bench/results}"
 LOG="$OUT/gpu-bench.log"
 mkdir -p "$RESULTS" "$OUT"
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=5 PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+export TRITON_INTERPRET=0  # compiled kernels in every step (the test suite's conftest defaults to interpreting)
 PY="${PY:-python3}"  # the GPU image's python3 holds its torch
 [[ -d /tmp/gpu-site ]] && export PYTHONPATH="/tmp/gpu-site${PYTHONPATH:+:$PYTHONPATH}"
 

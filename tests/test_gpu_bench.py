@@ -42,3 +42,12 @@ def test_a_failing_step_is_logged_packed_and_fails_the_run(tmp_path):
     with tarfile.open(tmp_path / "out" / "gpu-results.tar.gz") as tar:
         packed = tar.extractfile("results/matmul/log.txt").read().decode()
     assert "needs a CUDA GPU" in packed
+
+
+def test_gpu_tests_run_only_on_cuda_with_compiled_kernels():
+    from tests.conftest import gpu_skip_reason
+
+    assert gpu_skip_reason(cuda_available=False, interpreted=True) == "needs a CUDA GPU"
+    assert "TRITON_INTERPRET=0" in gpu_skip_reason(cuda_available=True, interpreted=True)
+    assert gpu_skip_reason(cuda_available=True, interpreted=False) is None
+    assert "export TRITON_INTERPRET=0" in SCRIPT.read_text()  # the GPU step really compiles them
