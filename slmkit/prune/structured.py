@@ -243,26 +243,28 @@ def plan_for_budget(model: nn.Module, config: WidthPruneConfig) -> tuple[WidthPl
         high = 0.66  # heads rounding can make large fractions invalid; retry at a smaller maximum
         if not fits(plan_at(high)):
             raise SlmkitError(f"param_budget {budget:,.0f} cannot be reached by width pruning of {', '.join(dims)}")
+    equal = _smallest_fitting(lambda fraction: fits(plan_at(fraction)), high)
+    fractions = {d: (equal if d in dims else 0.0) for d in WIDTH_DIMS}
+    if len(dims) > 1:  # give back what rounding overshot: one dimension at a time, the others held
+        for dim in [d for d in ("ffn", "hidden", "heads") if d in dims]:
+            fractions[dim] = _smallest_fitting(lambda fraction: fits(plan_of({**fractions, dim: fraction})),
+                                               fractions[dim])
+    return plan_of(fractions), fractions
+
+
+def _smallest_fitting(fits_at, high: float) -> float:
+    """The smallest fraction in [0, ``high``] (to 2⁻²⁰ of ``high``) for which ``fits_at`` holds, given that it
+    holds at ``high`` and keeps holding above any fraction where it does (parameters fall as it grows)."""
+    if fits_at(0.0):
+        return 0.0
     low = 0.0
-    for _ in range(20):  # bisection on the fraction; parameters fall as the fraction grows
+    for _ in range(20):
         mid = (low + high) / 2
-        if fits(plan_at(mid)):
+        if fits_at(mid):
             high = mid
         else:
             low = mid
-    fractions = {d: (high if d in dims else 0.0) for d in WIDTH_DIMS}
-    for dim in [d for d in ("ffn", "hidden", "heads") if d in dims]:  # give back what rounding overshot
-        low, high = 0.0, fractions[dim]
-        if fits(plan_of({**fractions, dim: low})):
-            high = low
-        for _ in range(20):
-            mid = (low + high) / 2
-            if fits(plan_of({**fractions, dim: mid})):
-                high = mid
-            else:
-                low = mid
-        fractions[dim] = high
-    return plan_of(fractions), fractions
+    return high
 
 
 # --- choosing which structures to keep -----------------------------------------------------------
