@@ -34,13 +34,13 @@ def interpreter_problem(triton_version: str | None = None, numpy_version: str | 
     to ints, so every kernel with a loop fails deep inside the interpreter.
     """
     if triton_version is None or numpy_version is None:
-        import numpy
-        import triton
+        from numpy import __version__ as numpy_installed
+        from triton import __version__ as triton_installed
 
-        triton_version, numpy_version = triton_version or triton.__version__, numpy_version or numpy.__version__
+        triton_version, numpy_version = triton_version or triton_installed, numpy_version or numpy_installed
     if _major_minor(triton_version) < (3, 7) and _major_minor(numpy_version) >= (2, 4):
-        return (f"Triton {triton_version}'s CPU interpreter (TRITON_INTERPRET=1) cannot run with NumPy {numpy_version}: "
-                "install triton>=3.7 or numpy<2.4")
+        return (f"Triton {triton_version}'s CPU interpreter (TRITON_INTERPRET=1) cannot run with "
+                f"NumPy {numpy_version}: install triton>=3.7 or numpy<2.4")
     return None
 
 

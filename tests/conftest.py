@@ -10,7 +10,6 @@ import torch
 os.environ.setdefault("TRITON_INTERPRET", "1")  # kernels run on the CPU interpreter in tests
 
 
-
 def pytest_configure(config):
     """Stop at once, in one line, when this Triton/NumPy pair cannot run the kernels' interpreter tests."""
     from slmkit.kernels._launch import HAVE_TRITON, interpreter_problem, interpreting

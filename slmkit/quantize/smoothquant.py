@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 from slmkit import calib as calibration
 from slmkit.config import (BaseConfig, ConfigError, check_choice, check_fraction, check_range, check_regexes,
                            check_type, register)
-from slmkit.models.arch import FoldGroup, block_linears, block_targets, blocks, fold_groups, get_spec, set_module, weight_out_in
+from slmkit.models.arch import (FoldGroup, block_linears, block_targets, blocks, fold_groups, get_spec, set_module,
+                                weight_out_in)
 from slmkit.models.record import get_record
 from slmkit.quantize.base import require_unquantized
 from slmkit.quantize.gptq import gptq_quantize
@@ -252,8 +253,9 @@ def trial_block_error(model: nn.Module, layer: calibration.LayerCalibration, inp
                       reference: torch.Tensor, input_abs_max: dict[str, torch.Tensor],
                       config: SmoothQuantConfig, alphas: dict[str, float]) -> float:
     """Squared error against ``reference`` of the block's output on ``inputs`` (hidden, args, kwargs)
-    when smoothed with ``alphas`` per site and quantized as :func:`quantize_block` would (round-to-nearest
-    int8 weights; ``config.skip`` stays float). The block is left exactly as it was."""
+    when smoothed with ``alphas`` per site and the linears :func:`quantize_block` will quantize (all but
+    ``config.skip``) made W8A8 with round-to-nearest weights (GPTQ, when configured, rounds only the final
+    choice). The block is left exactly as it was."""
     block = layer.block
     saved = {key: value.clone() for key, value in block.state_dict().items()}
     abs_max = dict(input_abs_max)
