@@ -164,10 +164,7 @@ class Engine:
                 raise ConfigError(f"engine: unknown option {unknown[0]!r}; allowed: {', '.join(sorted(fields))}")
             config = dataclasses.replace(config, **overrides)
         self.config, self.model = config, model.eval()
-        spec = get_spec(model)
-        if spec.engine_unsupported:
-            raise SlmkitError(f"the engine cannot run {spec.family} models: {spec.engine_unsupported}; "
-                              "use slmkit.generate (transformers' generate) instead")
+        get_spec(model)  # an architecture slmkit does not know fails here, in one line
         self.tokenizer = get_record(model).tokenizer
         embed = model.get_input_embeddings().weight
         self.device, self.dtype = embed.device, embed.dtype

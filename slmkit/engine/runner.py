@@ -129,7 +129,7 @@ class ModelRunner:
 
     def __init__(self, model: nn.Module, caches: list[LayerCache], block_size: int, max_blocks_per_seq: int,
                  use_kernels: bool):
-        spec = get_spec(model)  # the Engine has refused families with spec.engine_unsupported, if any
+        spec = get_spec(model)
         self.model, self.spec, self.caches = model, spec, caches
         self.block_size, self.max_blocks_per_seq, self.use_kernels = block_size, max_blocks_per_seq, use_kernels
         self.embed = get_module(model, spec.embed)

@@ -58,7 +58,6 @@ class ArchSpec:
     embed_scale: bool = False  # embeddings multiplied by sqrt(hidden_size) (Gemma)
     q_norm: str | None = None  # per-head norms of queries / keys before rotary (Qwen3)
     k_norm: str | None = None
-    engine_unsupported: str | None = None  # why the engine cannot run this family, if it cannot
 
     def linear_names(self) -> list[str]:
         """Block-relative paths of every linear projection in a block (attention, then MLP)."""
