@@ -50,6 +50,10 @@ class RequestError(SlmkitError):
         super().__init__(message)
         self.status, self.kind = status, kind
 
+    def body(self) -> dict:
+        """The OpenAI-style error object: ``{"error": {"message", "type", "code"}}``."""
+        return {"error": {"message": str(self), "type": self.kind, "code": int(self.status)}}
+
 
 class EngineLoop:
     """Runs the engine on one thread; other threads submit requests and read their deltas from queues.
@@ -145,8 +149,8 @@ class EngineLoop:
                         del self._outboxes[delta.request_id]
 
 
-def _accepted(outbox: queue.Queue) -> int:
-    """Wait for the loop to take a request; its prompt's token count (raises the refusal)."""
+def _take(outbox: queue.Queue):
+    """The next item the loop put in a request's queue; a :class:`RequestError` it put there is raised."""
     item = outbox.get()
     if isinstance(item, Exception):
         raise item
@@ -155,9 +159,7 @@ def _accepted(outbox: queue.Queue) -> int:
 
 def _deltas(outbox: queue.Queue) -> Iterator[StreamDelta]:
     while True:
-        item = outbox.get()
-        if isinstance(item, Exception):
-            raise item
+        item = _take(outbox)
         yield item
         if item.finished:
             return
@@ -231,7 +233,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def _error(self, error: RequestError) -> None:
-        self._json(error.status, {"error": {"message": str(error), "type": error.kind, "code": int(error.status)}})
+        self._json(error.status, error.body())
 
     def _event(self, data: dict | str) -> None:
         payload = data if isinstance(data, str) else json.dumps(data)
@@ -297,7 +299,7 @@ class _Handler(BaseHTTPRequestHandler):
                     and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
                 raise RequestError("'prompt' must be a string or a list of token ids (one prompt per request)")
             request_id, outbox = self.server.loop.submit(params, prompt=prompt)
-        prompt_tokens = _accepted(outbox)  # a request the engine refuses is answered here, with a 400
+        prompt_tokens = _take(outbox)  # a request the engine refuses is answered here, with a 400
         kind = "chat.completion" if chat else "text_completion"
         base = {"id": request_id, "created": int(time.time()), "model": self.server.model_name}
         if stream:
@@ -337,7 +339,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._event({**chunk, "choices": [], "usage": _usage(usage_prompt, tokens)})
             self._event("[DONE]")
         except RequestError as error:  # the engine failed mid-stream: the status line is already sent
-            self._event({"error": {"message": str(error), "type": error.kind, "code": int(error.status)}})
+            self._event(error.body())
         except (BrokenPipeError, ConnectionResetError):
             self.server.loop.cancel(request_id)
             raise
