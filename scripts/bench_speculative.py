@@ -31,9 +31,9 @@ FREE = ["What is the capital of France?", "Write a haiku about the sea.",
 
 def copy_prompts(count: int, words: int = 70) -> list[str]:
     """Requests to repeat passages (``words`` long) of the embedded corpus's held-out works."""
-    text = " ".join(load_texts("embedded", split="eval")[0].split())
-    step = len(text.split()) // (count + 1)
-    passages = [" ".join(text.split()[i * step: i * step + words]) for i in range(1, count + 1)]
+    corpus = load_texts("embedded", split="eval")[0].split()
+    step = len(corpus) // (count + 1)
+    passages = [" ".join(corpus[i * step: i * step + words]) for i in range(1, count + 1)]
     return [f"Repeat the following text exactly, word for word:\n\n{p}" for p in passages]
 
 
