@@ -26,7 +26,7 @@ from slmkit.engine.kv_cache import BlockAllocator, allocate_layer_caches, bytes_
 from slmkit.engine.runner import Batch, ModelRunner
 from slmkit.engine.sampling import SamplingParams, sample_tokens
 from slmkit.engine.scheduler import Scheduler, Sequence
-from slmkit.engine.speculative import accept_greedy, propose_ngram
+from slmkit.engine.speculative import NgramIndex, accept_greedy
 from slmkit.errors import SlmkitError
 from slmkit.kernels._launch import HAVE_TRITON
 from slmkit.models.arch import attention_shape, blocks, get_spec
@@ -334,7 +334,14 @@ class Engine:
             if not params.greedy or params.repetition_penalty != 1.0:
                 continue
             room = min(k, params.max_tokens - len(sequence.output_ids) - 1)  # the verified token comes on top
-            drafts = propose_ngram(sequence.tokens, self.config.speculative_ngram, room) if room > 0 else []
+            if room <= 0:
+                continue
+            index = sequence.ngram_index
+            if index is None:
+                index = sequence.ngram_index = NgramIndex(self.config.speculative_ngram)
+                index.extend(sequence.prompt_ids)
+            index.extend(sequence.output_ids[len(index.tokens) - len(sequence.prompt_ids):])  # the new ones
+            drafts = index.propose(room)
             if drafts and not self.scheduler.reserve(sequence, sequence.num_tokens + len(drafts)):
                 drafts = drafts[:len(sequence.blocks) * self.config.block_size - sequence.num_tokens]
             if drafts:

@@ -24,6 +24,7 @@ import torch
 
 from slmkit.engine.kv_cache import BlockAllocator, block_hash
 from slmkit.engine.sampling import SamplingParams
+from slmkit.engine.speculative import NgramIndex
 
 
 @dataclasses.dataclass(eq=False)
@@ -47,6 +48,7 @@ class Sequence:
     arrival_time: float = dataclasses.field(default_factory=time.perf_counter)
     first_token_time: float | None = None
     token_times: list[float] = dataclasses.field(default_factory=list)
+    ngram_index: NgramIndex | None = None  # prompt-lookup drafts, built on the first speculative step
 
     @property
     def tokens(self) -> list[int]:

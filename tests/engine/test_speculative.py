@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from slmkit.engine import Engine, SamplingParams
-from slmkit.engine.speculative import accept_greedy, propose_ngram
+from slmkit.engine.speculative import NgramIndex, accept_greedy, propose_ngram
 from slmkit.config import ConfigError
 from tests.engine.test_engine import SMALL, assert_same_as_hf, peaked, prompts
 
@@ -24,6 +24,24 @@ from tests.engine.test_engine import SMALL, assert_same_as_hf, peaked, prompts
 ])
 def test_propose_ngram(tokens, max_ngram, num_draft, expected):
     assert propose_ngram(tokens, max_ngram, num_draft) == expected
+    index = NgramIndex(max_ngram)
+    index.extend(tokens)
+    assert index.propose(num_draft) == expected
+
+
+@pytest.mark.parametrize("max_ngram, min_ngram, vocab", [(3, 1, 4), (2, 1, 12), (4, 2, 3), (1, 1, 30)])
+def test_ngram_index_proposes_what_the_scan_does_at_every_length(max_ngram, min_ngram, vocab):
+    tokens = torch.randint(0, vocab, (300,), generator=torch.Generator().manual_seed(vocab)).tolist()
+    index = NgramIndex(max_ngram, min_ngram)
+    found = 0
+    for length, chunk in enumerate([1] * 100 + [7] * 20 + [30] * 2):  # one token a step, then accepted runs
+        start = len(index.tokens)
+        index.extend(tokens[start:start + chunk])
+        history = tokens[:start + chunk]
+        want = propose_ngram(history, max_ngram, 5, min_ngram)
+        assert index.propose(5) == want, (length, history)
+        found += bool(want)
+    assert found > 60  # the small vocabulary makes matches common: the comparison is not all []
 
 
 @pytest.mark.parametrize("drafts, targets, expected", [
