@@ -34,7 +34,7 @@ def _write_json(file: Path | None, data) -> None:
 def cmd_run(args) -> int:
     from slmkit.recipes import Recipe, run_recipe
 
-    recipe = Recipe.from_file(args.recipe)  # validate before any work
+    recipe = Recipe.from_file(args.recipe, args.set)  # validate before any work
     output = args.output or str(Path("out") / Path(args.recipe).stem)
     json_file = _check_new_file(args.json, args.overwrite)
     result = run_recipe(recipe, output=output, overwrite=args.overwrite, model=args.model, device=args.device)
@@ -188,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "  slmkit run recipes/smollm2-w8a8.yaml --output out/w8a8 --overwrite --json out/w8a8.json\n"
                          "  slmkit run recipes/smollm2-w8a8.yaml --model ./my-llama-dir\n"
                          "  slmkit run recipes/smollm2-ffn25-distill.yaml --output out/heal   # prune, then distill\n"
+                         "  slmkit run recipes/smollm2-ffn25-distill.yaml --device cuda --set distill.steps=2000 "
+                         "--set distill.batch_size=32\n"
                          "  slmkit run recipes/smollm2-shared-ffn.yaml    # blocks share FFNs, then distill\n"
                          "  slmkit run recipes/smollm2-openelm.yaml       # OpenELM layer-wise widths, then distill\n"
                          "  accelerate launch --config_file recipes/accelerate/ddp.yaml -m slmkit.cli run "
@@ -198,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model", help="override the recipe's model (path, hub id, .gguf, or smollm2-135m)")
     run.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     run.add_argument("--json", help="also write the report as JSON to this file")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a recipe field (repeatable): a recipe key or a step by name, then the "
+                     "field, e.g. distill.steps=2000, calibration.num_blocks=128, steps[0].ffn=0.3")
     run.set_defaults(handler=cmd_run)
 
     ev = sub.add_parser("eval", help="perplexity (and KL / top-1 vs a reference) on held-out text",

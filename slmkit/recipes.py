@@ -11,6 +11,8 @@ A recipe file (YAML) looks like::
       - smoothquant: {alpha: 0.5}
 
 Everything is validated before any work: unknown keys fail naming the key and the allowed ones.
+``overrides`` (``slmkit run --set``) change a recipe without editing its file, e.g. ``distill.steps=2000``
+or ``calibration.num_blocks=128`` (see :func:`apply_overrides`).
 ``run_recipe`` loads the model, applies the steps, evaluates against the original model and saves.
 After each step the model is checkpointed in ``<output>.partial/``; running the same recipe to the same
 output again resumes after the last finished step (after a crash or Ctrl-C).
@@ -18,10 +20,12 @@ output again resumes after the last finished step (after a crash or Ctrl-C).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -39,6 +43,93 @@ from slmkit.models.loading import DEFAULT_MODEL, load_model
 from slmkit.models.record import get_record
 
 RECIPE_KEYS = ("model", "calibration", "evaluation", "steps")
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading exponent notation as YAML 1.2 does: ``3e-4`` and ``1.5e3`` are floats
+    (YAML 1.1, which PyYAML follows, wants a dot and a signed exponent, and reads these as strings)."""
+
+
+_RecipeLoader.add_implicit_resolver(  # on this subclass only: yaml.SafeLoader is unchanged
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def apply_overrides(data: Any, overrides: list[str] | tuple[str, ...], name: str = "recipe") -> Any:
+    """A copy of parsed recipe ``data`` with each ``KEY.PATH=VALUE`` of ``overrides`` set, in order.
+
+    The path starts at a recipe key (``model``, ``calibration``, ``evaluation``), at a step by its name
+    when the recipe has one step of that name (``distill.steps=2000``), or at a step by its position
+    (``steps[1].steps=2000``, counting from 0 as the recipe's error messages do). The value is read as
+    YAML (``2000`` and ``3e-4`` are numbers, ``true`` a boolean, ``null`` none, ``{source: embedded}`` a
+    mapping).
+    Mappings on the path that are missing or null are created; the result is validated as a whole by
+    :meth:`Recipe.from_dict`, so a misspelt key still fails naming the allowed ones.
+
+    Example:
+        >>> apply_overrides({"steps": [{"distill": {"steps": 150}}]}, ["distill.steps=2000"])
+        {'steps': [{'distill': {'steps': 2000}}]}
+    """
+    data = copy.deepcopy(data)
+    if not isinstance(data, dict) or not isinstance(data.get("steps"), list):
+        return data  # Recipe.from_dict says what is wrong with it
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        path = key.strip().split(".")
+        if not sep or not all(path):
+            raise ConfigError(f"{name}: override {override!r} is not KEY.PATH=VALUE, e.g. distill.steps=2000")
+        try:
+            value = _load_yaml(text)
+        except yaml.YAMLError:
+            raise ConfigError(f"{name}: override {override!r}: the value is not valid YAML") from None
+        node, rest = _override_root(data, path, name, override)
+        for part in rest[:-1]:
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                raise ConfigError(f"{name}: override {override!r}: {part!r} is {node[part]!r}, not a mapping")
+            node = node[part]
+        node[rest[-1]] = value
+    return data
+
+
+def _override_root(data: dict, path: list[str], name: str, override: str) -> tuple[dict, list[str]]:
+    """The mapping an override's path starts in, and the rest of the path."""
+    head = path[0]
+    if head in RECIPE_KEYS and head != "steps":
+        return data, path
+    steps = data["steps"]
+    names = [next(iter(step)) if isinstance(step, dict) and len(step) == 1 else None for step in steps]
+    if head.startswith("steps[") and head.endswith("]"):
+        index = head[len("steps["):-1]
+        if not index.isdigit() or int(index) >= len(steps):
+            raise ConfigError(f"{name}: override {override!r}: the recipe has steps[0] to steps[{len(steps) - 1}]")
+        positions = [int(index)]
+    else:
+        positions = [i for i, step_name in enumerate(names) if step_name == head]
+        if not positions:
+            known = ", ".join(dict.fromkeys(n for n in names if n))
+            raise ConfigError(f"{name}: override {override!r}: {head!r} is neither a recipe key "
+                              f"({', '.join(k for k in RECIPE_KEYS if k != 'steps')}) nor a step of this recipe "
+                              f"({known})")
+        if len(positions) > 1:
+            raise ConfigError(f"{name}: override {override!r}: the recipe has {len(positions)} {head!r} steps; "
+                              f"name one by position, e.g. steps[{positions[-1]}].{'.'.join(path[1:])}=...")
+    if len(path) < 2:
+        raise ConfigError(f"{name}: override {override!r}: name a field of the step, e.g. {head}.FIELD=VALUE")
+    position = positions[0]
+    step_name = names[position]
+    if step_name is None:
+        raise ConfigError(f"{name}: override {override!r}: steps[{position}] is not a '- name: {{...}}' step")
+    if steps[position][step_name] is None:
+        steps[position][step_name] = {}
+    if not isinstance(steps[position][step_name], dict):
+        raise ConfigError(f"{name}: override {override!r}: steps[{position}].{step_name} is not a mapping")
+    return steps[position][step_name], path[1:]
 
 
 @dataclasses.dataclass
@@ -75,16 +166,16 @@ class Recipe:
         )
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> "Recipe":
-        """Read and validate a YAML recipe file."""
+    def from_file(cls, path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> "Recipe":
+        """Read and validate a YAML recipe file, with ``KEY.PATH=VALUE`` overrides (:func:`apply_overrides`)."""
         path = Path(path)
         if not path.is_file():
             raise SlmkitError(f"{path}: no such recipe file")
         try:
-            data = yaml.safe_load(path.read_text())
+            data = _load_yaml(path.read_text())
         except yaml.YAMLError as error:
             raise SlmkitError(f"{path}: invalid YAML ({str(error).splitlines()[0]})") from None
-        return cls.from_dict(data, name=path.name)
+        return cls.from_dict(apply_overrides(data, overrides, path.name), name=path.name)
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as plain data (what a recipe file holds)."""

@@ -44,6 +44,14 @@ def test_unknown_recipe_key(capsys, tmp_path):
     _one_line_error(capsys, ["run", str(recipe)], "unknown key 'alpah'; allowed keys: alpha")
 
 
+def test_a_bad_override_fails_before_any_work(capsys, tmp_path):
+    recipe = tmp_path / "ok.yaml"
+    recipe.write_text("steps:\n  - smoothquant: {}\n")
+    _one_line_error(capsys, ["run", str(recipe), "--set", "smoothquant.alpha=0.5", "--set", "gptq.damp=0.1"],
+                    "'gptq' is neither a recipe key")
+    _one_line_error(capsys, ["run", str(recipe), "--set", "smoothquant.alpha=5"], "alpha must be in [0.0, 1.0]")
+
+
 def test_invalid_yaml(capsys, tmp_path):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text("steps: [\n")

@@ -3,11 +3,12 @@ import json
 
 import pytest
 import torch
+import yaml
 
 import slmkit
 from slmkit.config import BaseConfig, ConfigError, register
 from slmkit.errors import SlmkitError
-from slmkit.recipes import Recipe, run_recipe
+from slmkit.recipes import Recipe, apply_overrides, run_recipe
 from tests.conftest import tiny_model
 
 
@@ -62,6 +63,71 @@ def _recipe(model_dir, text, steps):
 def test_validation_names_the_offending_key(data, message):
     with pytest.raises(ConfigError, match=message):
         Recipe.from_dict(data)
+
+
+WIDTH = {"width": {"ffn": 0.25}}
+DISTILL = {"distill": {"steps": 150, "data": {"block_len": 128}}}
+TWO_STEPS = {"model": "smollm2-135m", "steps": [WIDTH, DISTILL]}
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["distill.steps=2000"], {"steps": [WIDTH, {"distill": {"steps": 2000, "data": {"block_len": 128}}}]}),
+    (["distill.data.block_len=512", "distill.learning_rate=3e-4", "distill.eval={max_tokens: 2048}"],
+     {"steps": [WIDTH, {"distill": {"steps": 150, "data": {"block_len": 512},
+                                         "learning_rate": 3e-4, "eval": {"max_tokens": 2048}}}]}),
+    (["steps[0].ffn=0.5", "steps[0].importance=taylor"],
+     {"steps": [{"width": {"ffn": 0.5, "importance": "taylor"}}, DISTILL]}),
+    (["calibration.num_blocks=8", "model=./other", "evaluation=null"],
+     {"calibration": {"num_blocks": 8}, "model": "./other", "evaluation": None}),
+])
+def test_overrides_set_recipe_and_step_fields(overrides, expected):
+    got = apply_overrides(TWO_STEPS, overrides)
+    assert got == {**TWO_STEPS, **expected}
+    assert TWO_STEPS == {"model": "smollm2-135m", "steps": [{"width": {"ffn": 0.25}}, {"distill": {
+        "steps": 150, "data": {"block_len": 128}}}]}  # the input is not modified
+    Recipe.from_dict(got)  # and the result is a valid recipe
+
+
+@pytest.mark.parametrize("data, override, message", [
+    (TWO_STEPS, "distill.steps", r"is not KEY.PATH=VALUE"),
+    (TWO_STEPS, "distill..steps=3", r"is not KEY.PATH=VALUE"),
+    (TWO_STEPS, "smoothquant.alpha=0.5", r"'smoothquant' is neither a recipe key \(model, calibration, evaluation\) "
+                                         r"nor a step of this recipe \(width, distill\)"),
+    (TWO_STEPS, "steps[2].ffn=0.5", r"the recipe has steps\[0\] to steps\[1\]"),
+    (TWO_STEPS, "distill=3", r"name a field of the step, e.g. distill.FIELD=VALUE"),
+    (TWO_STEPS, "distill.steps.count=3", r"'steps' is 150, not a mapping"),
+    (TWO_STEPS, "distill.steps=[1", r"the value is not valid YAML"),
+    ({"steps": [{"width": {"ffn": 0.1}}, {"width": {"heads": 0.1}}]}, "width.ffn=0.2",
+     r"has 2 'width' steps; name one by position, e.g. steps\[1\].ffn=..."),
+])
+def test_bad_overrides_fail_naming_the_override(data, override, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(data, [override])
+
+
+@pytest.mark.parametrize("text, value", [("3e-4", 3e-4), ("1.5e-1", 0.15), ("+2E+0", 2.0), ("0.5", 0.5),
+                                         ("7", 7), ("1e", "1e"), ("e5", "e5"), ("x3e4", "x3e4")])
+def test_exponent_notation_reads_as_a_number_in_files_and_overrides(tmp_path, text, value):
+    path = tmp_path / "r.yaml"
+    path.write_text(f"steps:\n  - distill: {{learning_rate: {text}}}\n")
+    for recipe in (lambda: Recipe.from_file(path), lambda: Recipe.from_file(path, [f"distill.learning_rate={text}"])):
+        if isinstance(value, str):
+            with pytest.raises(ConfigError, match="learning_rate"):
+                recipe()
+        else:
+            got = recipe().steps[0].learning_rate
+            assert got == value and type(got) is type(value)
+    assert yaml.safe_load("a: 3e-4") == {"a": "3e-4"}  # PyYAML's own loader is left as it is
+
+
+def test_an_override_is_validated_with_the_recipe(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("steps:\n  - smoothquant:\n")  # a step without a mapping takes one from an override
+    assert Recipe.from_file(path, ["smoothquant.alpha=0.7"]).steps[0].alpha == 0.7
+    with pytest.raises(ConfigError, match=r"r.yaml.steps\[0\].smoothquant: unknown key 'alpah'"):
+        Recipe.from_file(path, ["smoothquant.alpah=0.7"])
+    with pytest.raises(ConfigError, match=r"alpha must be in \[0.0, 1.0\]"):
+        Recipe.from_file(path, ["smoothquant.alpha=7"])
 
 
 def test_shipped_recipes_validate():
