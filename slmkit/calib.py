@@ -12,19 +12,29 @@ Only one block (plus the captured activations) is on the calibration device at a
 does not fit on the device can still be calibrated on it: peak device memory ≈ one block + activations.
 Each block gets the masks and position embeddings the model's own forward passes it (they differ per
 block where layers alternate attention types), captured once up front.
+
+A walk given a :class:`WalkCheckpoint` saves every finished block to its directory; after a crash or
+Ctrl-C, the same call restores the finished blocks, recomputes their outputs (a forward pass each, no
+statistics) and goes on from the next block, ending with the weights an uninterrupted walk gives.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from slmkit._files import write_text_atomic
 from slmkit.errors import SlmkitError
-from slmkit.models.arch import blocks
+from slmkit.models.arch import blocks, get_spec
+from slmkit.models.record import get_record
 
 
 class _StopForward(Exception):
@@ -140,12 +150,156 @@ def capture_block_inputs(
     return captured
 
 
+class WalkCheckpoint:
+    """A directory where :func:`layerwise` saves each finished block, so an interrupted walk resumes.
+
+    Holds ``block-<i>.safetensors`` per finished block (its tensors, and the layouts of the modules the
+    transform put in it) and ``state.json`` (how many blocks are finished, the model's metrics then, and
+    the fingerprint). The fingerprint names the work: the transform's config, the calibration tokens and
+    the model's history. A directory holding another walk's blocks is refused, never mixed in.
+
+    Resume with the model as it was before the interrupted call (loaded again, or the recipe's last step
+    checkpoint): the saved blocks replace blocks 0..k-1, the walk redoes block k onwards.
+
+    Example (what ``slmkit.quantize(model, config, calib=calib, checkpoint_dir="out/gptq.blocks")`` does):
+        >>> checkpoint = WalkCheckpoint.for_step("out/gptq.blocks", model, config, calib)
+        >>> for layer in layerwise(model, calib, checkpoint=checkpoint):
+        ...     ...  # change layer.block; once the loop body is done, the block is saved
+    """
+
+    STATE = "state.json"
+
+    def __init__(self, directory: str | os.PathLike, fingerprint: str):
+        self.directory = Path(directory).expanduser()
+        self.fingerprint = fingerprint
+
+    @classmethod
+    def for_step(cls, directory: str | os.PathLike, model: nn.Module, config: Any,
+                 calib: torch.Tensor) -> "WalkCheckpoint":
+        """The checkpoint of applying ``config`` to ``model`` with calibration tokens ``calib``."""
+        record = get_record(model)
+        digest = hashlib.sha256()
+        tokens = calib.detach().cpu().contiguous()
+        digest.update(json.dumps({"config": config.to_dict(), "name": config.name, "source": record.source,
+                                  "steps": record.steps, "blocks": len(blocks(model)),
+                                  "tokens": [list(tokens.shape), str(tokens.dtype)]},
+                                 sort_keys=True, default=str).encode())
+        digest.update(tokens.numpy().tobytes())
+        return cls(directory, digest.hexdigest())
+
+    def _block_file(self, index: int) -> Path:
+        return self.directory / f"block-{index:04d}.safetensors"
+
+    def completed(self) -> int:
+        """How many blocks an earlier run of this walk finished (0: none, or no directory yet)."""
+        state_file = self.directory / self.STATE
+        if not state_file.is_file():
+            return 0
+        try:
+            state = json.loads(state_file.read_text())
+            done, fingerprint = int(state["completed"]), state["fingerprint"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise SlmkitError(f"{state_file}: corrupt walk state ({error}); delete {self.directory}") from None
+        self.check_fingerprint(fingerprint)
+        return done
+
+    def check_fingerprint(self, fingerprint: str) -> None:
+        """Refuse files written by another walk (a different config, model or calibration data)."""
+        if fingerprint != self.fingerprint:
+            raise SlmkitError(f"{self.directory} holds the blocks of another calibration walk (a different "
+                              f"config, model or calibration data); delete it or choose another directory")
+
+    def save_block(self, model: nn.Module, index: int, block: nn.Module) -> None:
+        """Save finished block ``index`` (tensors + module layouts), then record it as finished."""
+        from safetensors.torch import save_file
+
+        from slmkit.models.checkpoint import json_default
+
+        record = get_record(model)
+        prefix = f"{get_spec(model).layers}.{index}."
+        modules = {path: layout for path, layout in record.modules.items() if path.startswith(prefix)}
+        tensors = {name: t.detach().cpu().clone() for name, t in block.state_dict().items()}  # no shared storage
+        self.directory.mkdir(parents=True, exist_ok=True)
+        target = self._block_file(index)
+        tmp = target.with_name(f".{target.name}.tmp")
+        save_file(tensors, str(tmp), metadata={"modules": json.dumps(modules, default=json_default)})
+        os.replace(tmp, target)
+        state = {"fingerprint": self.fingerprint, "completed": index + 1, "metrics": record.metrics}
+        write_text_atomic(self.directory / self.STATE, json.dumps(state, default=json_default) + "\n")
+
+    def load_block(self, model: nn.Module, index: int, block: nn.Module) -> None:
+        """Put saved block ``index`` into ``block`` (in place): its replaced modules, then its tensors."""
+        from safetensors import safe_open
+
+        from slmkit.models.checkpoint import rebuild_modules
+
+        file = self._block_file(index)
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                modules = json.loads(handle.metadata()["modules"])
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        except Exception as error:  # missing, truncated or foreign file
+            raise SlmkitError(f"{file}: cannot read a saved block ({str(error).splitlines()[0][:200]}); "
+                              f"delete {self.directory} to start the walk over") from None
+        prefix = f"{get_spec(model).layers}.{index}."
+        dtype = next((t.dtype for t in block.parameters() if t.is_floating_point()), torch.float32)
+        rebuild_modules(block, {path[len(prefix):]: layout for path, layout in modules.items()}, dtype, file)
+        try:
+            block.load_state_dict(tensors, strict=True)
+        except RuntimeError as error:
+            raise SlmkitError(f"{file}: does not fit block {index} ({str(error).splitlines()[0][:200]})") from None
+        get_record(model).modules.update(modules)
+
+    def restore_metrics(self, model: nn.Module) -> None:
+        """Merge the metrics saved with the last finished block into the model's record, in place."""
+        state = json.loads((self.directory / self.STATE).read_text())
+        _merge_into(get_record(model).metrics, state.get("metrics", {}))
+
+
+def _merge_into(target: dict, saved: dict) -> None:
+    """Update ``target`` from ``saved`` keeping the identity of nested dicts and lists a transform may hold."""
+    for key, value in saved.items():
+        current = target.get(key)
+        if isinstance(current, dict) and isinstance(value, dict):
+            _merge_into(current, value)
+        elif isinstance(current, list) and isinstance(value, list):
+            current[:] = value
+        else:
+            target[key] = value
+
+
+def cached(checkpoint: WalkCheckpoint | None, name: str, compute: Callable[[], Any]) -> Any:
+    """``compute()``, kept as JSON in the walk's directory so a resumed run does not compute it again.
+
+    For costly passes a transform makes before its walk (e.g. SmoothQuant's sensitivity measurement).
+    """
+    if checkpoint is None:
+        return compute()
+    checkpoint.completed()  # refuses a directory of another walk before any work
+    file = checkpoint.directory / f"{name}.json"
+    if file.is_file():
+        try:
+            saved = json.loads(file.read_text())
+            fingerprint, value = saved["fingerprint"], saved["value"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise SlmkitError(f"{file}: corrupt ({error}); delete it to compute it again") from None
+        checkpoint.check_fingerprint(fingerprint)
+        return value
+    from slmkit.models.checkpoint import json_default
+
+    value = compute()
+    write_text_atomic(file, json.dumps({"fingerprint": checkpoint.fingerprint, "value": value},
+                                       default=json_default) + "\n")
+    return value
+
+
 def layerwise(
     model: nn.Module,
     tokens: torch.Tensor,
     batch_size: int = 8,
     device: str | torch.device | None = None,
     desc: str = "calibrating",
+    checkpoint: WalkCheckpoint | None = None,
 ) -> Iterator[LayerCalibration]:
     """Yield each block with its calibration inputs; after each yield, propagate through the block.
 
@@ -155,6 +309,8 @@ def layerwise(
         batch_size: sequences per forward pass.
         device: where blocks run (default: the model's device). Other blocks stay where they are.
         desc: progress bar label.
+        checkpoint: save each finished block there; blocks an earlier run finished are restored, not
+            yielded again (see :class:`WalkCheckpoint`).
 
     Each yield hands out the same :class:`LayerCalibration`; after the walk its ``hidden_states`` are
     the last block's outputs (a new list per block, so a list kept from an earlier yield stays valid).
@@ -164,12 +320,28 @@ def layerwise(
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
     layers = blocks(model)
+    done = checkpoint.completed() if checkpoint is not None else 0
+    if done > len(layers):
+        raise SlmkitError(f"{checkpoint.directory} holds {done} blocks; this model has {len(layers)}")
     layer = capture_block_inputs(model, tokens, batch_size, device)
-    for index in tqdm(range(len(layers)), desc=desc, unit="block"):
+    if done:
+        print(f"slmkit: {desc}: resuming after block {done} of {len(layers)} from {checkpoint.directory}")
+        for index in tqdm(range(done), desc=f"{desc}: restoring", unit="block"):
+            block = layers[index]
+            checkpoint.load_block(model, index, block)
+            block.to(device)
+            layer.at(index, block)
+            layer.hidden_states = layer.run()
+            if device != home:
+                block.to(home)
+        checkpoint.restore_metrics(model)
+    for index in tqdm(range(done, len(layers)), desc=desc, unit="block", initial=done, total=len(layers)):
         block = layers[index]
         block.to(device)
         layer.at(index, block)
         yield layer
+        if checkpoint is not None:
+            checkpoint.save_block(model, index, block)
         layer.hidden_states = layer.run()  # the changed block's outputs feed the next block
         if device != home:
             block.to(home)

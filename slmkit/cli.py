@@ -182,8 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a recipe: load, compress, evaluate, save", formatter_class=_formatter,
                          description="Run a YAML recipe: load the model, apply its steps, evaluate against the "
                          "original model on held-out text, and save the result.\nAn interrupted run resumes "
-                         "after its last finished step (a distill step: after its last checkpoint) when run "
-                         "again with the same output.",
+                         "after its last finished step (a distill step: after its last checkpoint; a calibration "
+                         "walk such as SmoothQuant or GPTQ: after its last finished block) when run again with "
+                         "the same output.",
                          epilog="examples:\n  slmkit run recipes/smollm2-w8a8.yaml\n"
                          "  slmkit run recipes/smollm2-w8a8.yaml --output out/w8a8 --overwrite --json out/w8a8.json\n"
                          "  slmkit run recipes/smollm2-w8a8.yaml --model ./my-llama-dir\n"

@@ -137,6 +137,7 @@ class Transform:
     apply: Callable[..., Any]
     needs_calibration: bool
     uses_context: bool = False
+    resumable: bool = False  # a layer-by-layer walk that takes checkpoint=WalkCheckpoint (see slmkit.calib)
 
 
 @dataclasses.dataclass
@@ -154,17 +155,20 @@ class StepContext:
 _REGISTRY: dict[str, Transform] = {}
 
 
-def register(config_class: type[BaseConfig], needs_calibration: bool = False, uses_context: bool = False):
+def register(config_class: type[BaseConfig], needs_calibration: bool = False, uses_context: bool = False,
+             resumable: bool = False):
     """Decorator registering ``fn(model, config, calib=None)`` as the handler of ``config_class``.
 
     ``needs_calibration``: fn takes calibration token ids as its third argument.
     ``uses_context``: fn takes a :class:`StepContext` as its third argument instead.
+    ``resumable``: fn also takes ``checkpoint=`` (a :class:`slmkit.calib.WalkCheckpoint` or None) and
+    saves each finished block there, so an interrupted run resumes after the last one.
     """
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         if not config_class.name or not config_class.category:
             raise TypeError(f"{config_class.__name__} needs class attributes name and category")
-        _REGISTRY[config_class.name] = Transform(config_class, fn, needs_calibration, uses_context)
+        _REGISTRY[config_class.name] = Transform(config_class, fn, needs_calibration, uses_context, resumable)
         return fn
 
     return decorate
@@ -197,12 +201,13 @@ def config_from_step(step: dict[str, Any], where: str) -> BaseConfig:
 
 
 def apply_step(model, config: BaseConfig, calib=None, category: str | None = None,
-               context: StepContext | None = None):
+               context: StepContext | None = None, checkpoint_dir=None):
     """Apply a registered transform to ``model`` in place and record it in ``model.slmkit.steps``.
 
     ``category`` (e.g. "quantize") makes ``slmkit.quantize(model, PruneConfig())`` fail clearly.
     Calibration transforms given ``calib=None`` use ``slmkit.calib_data(model)`` (embedded corpus).
     Context transforms (distillation) given ``context=None`` use the model's own source as the original.
+    ``checkpoint_dir``: where resumable walks save each finished block; ignored by the other transforms.
     """
     from slmkit.models.record import get_record
 
@@ -229,6 +234,10 @@ def apply_step(model, config: BaseConfig, calib=None, category: str | None = Non
         check_calibration(type(config).__name__, calib)
     if transform.uses_context:
         transform.apply(model, config, context or StepContext(original_model=get_record(model).source))
+    elif transform.resumable and checkpoint_dir is not None:
+        from slmkit.calib import WalkCheckpoint
+
+        transform.apply(model, config, calib, checkpoint=WalkCheckpoint.for_step(checkpoint_dir, model, config, calib))
     elif transform.needs_calibration:
         transform.apply(model, config, calib)
     else:

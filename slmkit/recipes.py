@@ -15,7 +15,9 @@ Everything is validated before any work: unknown keys fail naming the key and th
 or ``calibration.num_blocks=128`` (see :func:`apply_overrides`).
 ``run_recipe`` loads the model, applies the steps, evaluates against the original model and saves.
 After each step the model is checkpointed in ``<output>.partial/``; running the same recipe to the same
-output again resumes after the last finished step (after a crash or Ctrl-C).
+output again resumes after the last finished step (after a crash or Ctrl-C). Inside a step, distillation
+resumes from its last checkpoint and the layer-by-layer walks (SmoothQuant, GPTQ, AWQ, Wanda, SparseGPT)
+after their last finished block.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from slmkit._files import ensure_new
+from slmkit._files import ensure_new, write_text_atomic
 from slmkit.config import BaseConfig, ConfigError, StepContext, apply_step, config_from_step, lookup
 from slmkit.data import DataConfig, calibration_blocks, load_calibration_texts, load_texts
 from slmkit.errors import SlmkitError
@@ -219,12 +221,19 @@ def _resume_point(partial: Path, recipe: Recipe, overwrite: bool) -> int:
     if not partial.exists():
         return 0
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
-    if state.get("fingerprint") == recipe.fingerprint() and (partial / "checkpoint").is_dir():
-        return int(state.get("completed_steps", 0))
-    if overwrite:
-        shutil.rmtree(partial)
+    done = int(state.get("completed_steps", 0))
+    if state.get("fingerprint") == recipe.fingerprint() and (done == 0 or (partial / "checkpoint").is_dir()):
+        return done  # 0: interrupted inside the first step, whose own state (if any) is in its step directory
+    if overwrite or not any(path.name != "state.json" for path in partial.iterdir()):
+        shutil.rmtree(partial)  # replaced, or held nothing but the state of a run that saved no work
         return 0
     raise SlmkitError(f"{partial} holds a partial run of a different recipe; delete it or pass --overwrite")
+
+
+def _write_state(partial: Path, recipe: Recipe, completed: int) -> None:
+    """Record in ``partial/state.json`` which recipe the directory belongs to and how many steps it finished."""
+    write_text_atomic(partial / "state.json",
+                      json.dumps({"fingerprint": recipe.fingerprint(), "completed_steps": completed}) + "\n")
 
 
 def _is_main_process() -> bool:
@@ -301,15 +310,18 @@ def run_recipe(recipe: Recipe | str | os.PathLike, output: str | os.PathLike | N
         if lookup(step).needs_calibration and calib is None:
             calib = calibration_blocks(current, recipe.calibration, calib_texts)
         print(f"slmkit: step {index + 1}/{len(recipe.steps)}: {step.name} {json.dumps(step.to_dict())}")
-        # a step with its own resumable state (distillation) keeps it under the partial directory
+        if partial is not None and not (partial / "state.json").is_file() and _is_main_process():
+            _write_state(partial, recipe, 0)  # so a run interrupted inside this step is recognised
+        # a step with its own resumable state (distillation, a layer-by-layer walk's finished blocks) keeps
+        # it under the partial directory; the processes of a multi-process run would share one walk directory,
+        # so there each walks afresh
         work_dir = partial / f"step-{index + 1}-{step.name}" if partial is not None else None
-        apply_step(current, step, calib, context=StepContext(recipe.model, work_dir, device))
+        walk_dir = work_dir if PartialState().num_processes == 1 else None
+        apply_step(current, step, calib, context=StepContext(recipe.model, work_dir, device), checkpoint_dir=walk_dir)
         seconds[f"step {index + 1} {step.name}"] = time.perf_counter() - start
         if partial is not None and index + 1 < len(recipe.steps) and _is_main_process():
             save(current, partial / "checkpoint", overwrite=True)
-            (partial / "state.json").write_text(
-                json.dumps({"fingerprint": recipe.fingerprint(), "completed_steps": index + 1}) + "\n"
-            )
+            _write_state(partial, recipe, index + 1)
             if work_dir is not None and work_dir.exists():
                 shutil.rmtree(work_dir)  # the step's result is in the checkpoint now
         _wait_for_everyone()

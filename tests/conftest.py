@@ -39,13 +39,14 @@ def tiny_config(family: str, vocab_size: int = 256, **overrides):
     return getattr(transformers, classes[family])(**{**common, **extra.get(family, {}), **overrides})
 
 
-def tiny_model(family: str, seed: int = 0, vocab_size: int = 256):
+def tiny_model(family: str, seed: int = 0, vocab_size: int = 256, **overrides):
     """A tiny randomly initialised causal LM of ``family`` in eval mode, float32, with norms perturbed
-    (so scale folding into norm weights is really exercised, not folded into all-ones)."""
+    (so scale folding into norm weights is really exercised, not folded into all-ones); ``overrides``
+    go to :func:`tiny_config` (e.g. ``num_hidden_layers=4``)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, vocab_size), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(tiny_config(family, vocab_size, **overrides), dtype=torch.float32).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name or ".ln_" in name:

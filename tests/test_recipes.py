@@ -199,6 +199,54 @@ def test_interrupted_run_resumes_after_the_last_finished_step(tiny_dir, tmp_path
         run_recipe(other, output=tmp_path / "out2")
 
 
+def test_a_run_interrupted_inside_its_first_walk_resumes_after_the_last_finished_block(tiny_dir, tmp_path,
+                                                                                       monkeypatch, capsys):
+    from slmkit import calib as calibration
+
+    model_dir, text = tiny_dir
+    recipe = Recipe.from_dict(_recipe(model_dir, text, [{"gptq": {"group_size": 16}}, {"test_flaky": {}}]))
+    FAIL.update(now=False, calls=0)
+    straight = run_recipe(recipe, output=tmp_path / "straight")
+    observe = calibration.observe_inputs
+
+    def crash_in_block_1(layer, modules, reduce):
+        if layer.index == 1:
+            raise KeyboardInterrupt
+        return observe(layer, modules, reduce)
+
+    monkeypatch.setattr(calibration, "observe_inputs", crash_in_block_1)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(recipe, output=tmp_path / "out")
+    partial = tmp_path / "out.partial"
+    assert json.loads((partial / "state.json").read_text())["completed_steps"] == 0
+    assert [p.name for p in (partial / "step-1-gptq").glob("block-*")] == ["block-0000.safetensors"]
+    monkeypatch.undo()
+    capsys.readouterr()
+    resumed = run_recipe(recipe, output=tmp_path / "out")
+    assert "gptq: resuming after block 1 of 2" in capsys.readouterr().out
+    assert not partial.exists()
+    expected = straight.model.state_dict()
+    for name, tensor in resumed.model.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+    # a different recipe finds the directory of the interrupted one and refuses it, naming --overwrite
+    monkeypatch.setattr(calibration, "observe_inputs", crash_in_block_1)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(recipe, output=tmp_path / "out2")
+    other = Recipe.from_dict(_recipe(model_dir, text, [{"gptq": {"group_size": 32}}, {"test_flaky": {}}]))
+    with pytest.raises(SlmkitError, match="partial run of a different recipe; delete it or pass --overwrite"):
+        run_recipe(other, output=tmp_path / "out2")
+
+
+def test_a_partial_directory_that_saved_no_work_does_not_block_another_recipe(tiny_dir, tmp_path):
+    model_dir, text = tiny_dir
+    partial = tmp_path / "out.partial"
+    partial.mkdir()
+    (partial / "state.json").write_text(json.dumps({"fingerprint": "another recipe", "completed_steps": 0}))
+    FAIL.update(now=False, calls=0)
+    run_recipe(Recipe.from_dict(_recipe(model_dir, text, [{"test_flaky": {}}])), output=tmp_path / "out")
+    assert FAIL["calls"] == 1 and (tmp_path / "out").is_dir() and not partial.exists()
+
+
 DISTILL_STEP = {"distill": {"steps": 4, "batch_size": 2, "micro_batch_size": 1, "learning_rate": 1e-3,
                             "warmup_steps": 1, "eval_every": 2, "save_every": 1,
                             "data": {"num_blocks": 8, "block_len": 32}, "eval": {"max_tokens": 64, "seq_len": 32}}}

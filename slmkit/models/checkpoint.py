@@ -41,7 +41,8 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _json_default(value: Any):
+def json_default(value: Any):
+    """``json.dumps(default=...)`` for what records hold beyond JSON: tensors (as lists) and dtypes."""
     if isinstance(value, torch.Tensor):
         return value.tolist()
     if isinstance(value, torch.dtype):
@@ -76,6 +77,19 @@ def stored_tensors(model: nn.Module, compress: bool = True) -> tuple[dict[str, t
         else:
             tensors[name] = tensor
     return tensors, compressed, aliases
+
+
+def rebuild_modules(model: nn.Module, modules: dict[str, dict], dtype: torch.dtype, where: Any) -> None:
+    """Put an empty module of each recorded layout (path -> layout) into ``model``, ready for its tensors.
+
+    ``where`` names the file the layouts came from, for the error about a module type this slmkit lacks.
+    """
+    for module_path, layout in modules.items():
+        layout = dict(layout)
+        kind = layout.pop("type")
+        if kind not in MODULE_TYPES:
+            raise SlmkitError(f"{where}: unknown module type {kind!r} at {module_path}; upgrade slmkit")
+        set_module(model, module_path, MODULE_TYPES[kind](**layout, dtype=dtype))
 
 
 def restore_tensors(tensors: dict[str, torch.Tensor], compressed: dict[str, dict]) -> dict[str, torch.Tensor]:
@@ -137,7 +151,7 @@ def save(model: nn.Module, path: str | os.PathLike, overwrite: bool = False, com
         manifest = build_manifest(model)
         manifest["compressed"], manifest["aliases"] = compressed, aliases
         manifest["files"] = {WEIGHTS: {"sha256": _sha256(tmp / WEIGHTS), "bytes": (tmp / WEIGHTS).stat().st_size}}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=json_default) + "\n")
         if target.exists():
             old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
             os.replace(target, old / "old")
@@ -206,12 +220,7 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32)
     except (OSError, ValueError) as error:
         raise SlmkitError(f"{path / 'config.json'}: missing or corrupt ({str(error).splitlines()[0]})") from None
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    for module_path, layout in manifest.get("modules", {}).items():
-        layout = dict(layout)
-        kind = layout.pop("type")
-        if kind not in MODULE_TYPES:
-            raise SlmkitError(f"{path / MANIFEST}: unknown module type {kind!r} at {module_path}; upgrade slmkit")
-        set_module(model, module_path, MODULE_TYPES[kind](**layout, dtype=dtype))
+    rebuild_modules(model, manifest.get("modules", {}), dtype, where=path / MANIFEST)
     try:
         state = restore_tensors(load_file(str(path / WEIGHTS)), manifest.get("compressed", {}))
         result = model.load_state_dict(state, strict=False)

@@ -19,7 +19,7 @@ from slmkit.prune.structured import DepthPruneConfig, WidthPruneConfig
 from slmkit.prune.wanda import WandaConfig
 
 
-def prune(model, config: BaseConfig, calib=None):
+def prune(model, config: BaseConfig, calib=None, checkpoint_dir=None):
     """Prune ``model`` in place as ``config`` says and return it.
 
     Args:
@@ -28,11 +28,14 @@ def prune(model, config: BaseConfig, calib=None):
             ``WidthPruneConfig(ffn=0.25)`` or ``DepthPruneConfig(ratio=0.1)``.
         calib: calibration token ids (num_blocks, block_len) from ``slmkit.calib_data``; ``None`` uses the
             embedded corpus's calibration split for the methods that need activations.
+        checkpoint_dir: for Wanda and SparseGPT (which walk the model block by block), a directory where
+            each finished block is saved. After a crash or Ctrl-C, the same call on the model loaded again
+            resumes after the last finished block, with the same result.
 
     Example:
         >>> slmkit.prune(model, SparseGPTConfig(n_m="2:4"), calib=slmkit.calib_data(model, n=128))
     """
-    return apply_step(model, config, calib, category="prune")
+    return apply_step(model, config, calib, category="prune", checkpoint_dir=checkpoint_dir)
 
 
 __all__ = [

@@ -117,18 +117,19 @@ def linear_sparsity(model: nn.Module) -> dict[str, float]:
 
 
 def prune_layerwise(model: nn.Module, config: CalibratedSparsityConfig, calib: torch.Tensor, desc: str,
-                    reduce, prune_linear) -> nn.Module:
+                    reduce, prune_linear, checkpoint=None) -> nn.Module:
     """The walk Wanda and SparseGPT share: per block, one statistic per shared input, then each linear.
 
     ``reduce`` folds a linear's inputs into a statistic (see :func:`slmkit.calib.observe_inputs`);
     ``prune_linear(module, statistic)`` prunes one linear in place. The pruned block's outputs feed the
-    next block.
+    next block. ``checkpoint`` (a :class:`slmkit.calib.WalkCheckpoint`) saves each finished block.
     """
     from slmkit import calib as calibration
 
     check_prunable(model, config)
     tokens = calibration.cap_length(calib, config.max_seq_len)
-    for layer in calibration.layerwise(model, tokens, config.batch_size, config.device, desc=desc):
+    for layer in calibration.layerwise(model, tokens, config.batch_size, config.device, desc=desc,
+                                       checkpoint=checkpoint):
         targets = block_targets(model, layer.index, layer.block, config.skip)
         groups = dict(input_groups(model, targets))
         stats = calibration.observe_inputs(layer, {name: targets[name] for name in groups}, reduce)

@@ -35,9 +35,13 @@ class SparseGPTConfig(CalibratedSparsityConfig):
         check_range("damp", self.damp, 0.0, 10.0)
 
 
-@register(SparseGPTConfig, needs_calibration=True)
-def sparsegpt(model: nn.Module, config: SparseGPTConfig, calib: torch.Tensor) -> nn.Module:
-    """Prune every block linear of ``model`` in place with SparseGPT on ``calib`` tokens."""
+@register(SparseGPTConfig, needs_calibration=True, resumable=True)
+def sparsegpt(model: nn.Module, config: SparseGPTConfig, calib: torch.Tensor,
+              checkpoint: calibration.WalkCheckpoint | None = None) -> nn.Module:
+    """Prune every block linear of ``model`` in place with SparseGPT on ``calib`` tokens.
+
+    With a ``checkpoint``, each finished block is saved and an interrupted run resumes after the last one.
+    """
 
     def prune_linear(module: nn.Module, gram_and_count: tuple[torch.Tensor, int]) -> None:
         gram, count = gram_and_count
@@ -45,4 +49,4 @@ def sparsegpt(model: nn.Module, config: SparseGPTConfig, calib: torch.Tensor) ->
                               config.pattern, config.block_size, config.damp)
         apply_mask(module, new == 0, new)
 
-    return prune_layerwise(model, config, calib, "sparsegpt", calibration.gram_reduce, prune_linear)
+    return prune_layerwise(model, config, calib, "sparsegpt", calibration.gram_reduce, prune_linear, checkpoint)

@@ -25,9 +25,13 @@ class WandaConfig(CalibratedSparsityConfig):
     name = "wanda"
 
 
-@register(WandaConfig, needs_calibration=True)
-def wanda(model: nn.Module, config: WandaConfig, calib: torch.Tensor) -> nn.Module:
-    """Prune every block linear of ``model`` in place by Wanda importance on ``calib`` tokens."""
+@register(WandaConfig, needs_calibration=True, resumable=True)
+def wanda(model: nn.Module, config: WandaConfig, calib: torch.Tensor,
+          checkpoint: calibration.WalkCheckpoint | None = None) -> nn.Module:
+    """Prune every block linear of ``model`` in place by Wanda importance on ``calib`` tokens.
+
+    With a ``checkpoint``, each finished block is saved and an interrupted run resumes after the last one.
+    """
     pattern = config.pattern
 
     def prune_linear(module: nn.Module, input_sq_sum: torch.Tensor) -> None:
@@ -35,4 +39,4 @@ def wanda(model: nn.Module, config: WandaConfig, calib: torch.Tensor) -> nn.Modu
         mask = n_m_mask(scores, *pattern) if pattern else unstructured_mask(scores, config.sparsity, per_row=True)
         apply_mask(module, mask)
 
-    return prune_layerwise(model, config, calib, "wanda", calibration.sq_sum_reduce, prune_linear)
+    return prune_layerwise(model, config, calib, "wanda", calibration.sq_sum_reduce, prune_linear, checkpoint)

@@ -17,7 +17,7 @@ from slmkit.quantize.rtn import RTNConfig
 from slmkit.quantize.smoothquant import SmoothQuantConfig
 
 
-def quantize(model, config: BaseConfig, calib=None):
+def quantize(model, config: BaseConfig, calib=None, checkpoint_dir=None):
     """Quantize ``model`` in place as ``config`` says and return it. A model is quantized once.
 
     Args:
@@ -26,12 +26,16 @@ def quantize(model, config: BaseConfig, calib=None):
             ``GPTQConfig(scheme="W4A16", group_size=128)``.
         calib: calibration token ids (num_blocks, block_len) from ``slmkit.calib_data``; ``None`` uses
             128 blocks of 512 tokens of the embedded corpus's calibration split (RTN reads none).
+        checkpoint_dir: for the methods that walk the model block by block (SmoothQuant, GPTQ, AWQ), a
+            directory where each finished block is saved. After a crash or Ctrl-C, the same call on the
+            model loaded again resumes after the last finished block, with the same result.
 
     Example:
         >>> slmkit.quantize(model, SmoothQuantConfig(alpha=0.5), calib=slmkit.calib_data(model, n=64))
         >>> slmkit.quantize(model, AWQConfig(scheme="W4A16", group_size=64))
+        >>> slmkit.quantize(model, GPTQConfig(), calib=calib, checkpoint_dir="out/gptq.blocks")  # resumable
     """
-    return apply_step(model, config, calib, category="quantize")
+    return apply_step(model, config, calib, category="quantize", checkpoint_dir=checkpoint_dir)
 
 
 __all__ = ["quantize", "export", "SmoothQuantConfig", "RTNConfig", "GPTQConfig", "AWQConfig", "W8A8Linear",

@@ -91,15 +91,20 @@ def _stats_reduce(x: torch.Tensor, state: tuple | None) -> tuple:
     return (*gram, abs_sum if state is None else state[2] + abs_sum)
 
 
-@register(AWQConfig, needs_calibration=True)
-def awq(model: nn.Module, config: AWQConfig, calib: torch.Tensor) -> nn.Module:
-    """Quantize every block linear of ``model`` in place with AWQ on ``calib`` tokens, one block at a time."""
+@register(AWQConfig, needs_calibration=True, resumable=True)
+def awq(model: nn.Module, config: AWQConfig, calib: torch.Tensor,
+        checkpoint: calibration.WalkCheckpoint | None = None) -> nn.Module:
+    """Quantize every block linear of ``model`` in place with AWQ on ``calib`` tokens, one block at a time.
+
+    With a ``checkpoint``, each finished block is saved and an interrupted run resumes after the last one.
+    """
     require_unquantized(model, "awq")
     record = get_record(model)
     spec = get_spec(model)
     tokens = calibration.cap_length(calib, config.max_seq_len)
     chosen_alpha = record.metrics.setdefault("awq_alpha", {})
-    for layer in calibration.layerwise(model, tokens, config.batch_size, config.device, desc="awq"):
+    for layer in calibration.layerwise(model, tokens, config.batch_size, config.device, desc="awq",
+                                       checkpoint=checkpoint):
         targets = block_targets(model, layer.index, layer.block, config.skip)
         linears = dict(block_linears(model, layer.block))
         representative = {name: group[0] for group in spec.input_groups() for name in group}

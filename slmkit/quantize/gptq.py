@@ -153,19 +153,21 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
 # --- model walking -------------------------------------------------------------------------------
 
 
-@register(GPTQConfig, needs_calibration=True)
-def gptq(model: nn.Module, config: GPTQConfig, calib: torch.Tensor) -> nn.Module:
+@register(GPTQConfig, needs_calibration=True, resumable=True)
+def gptq(model: nn.Module, config: GPTQConfig, calib: torch.Tensor,
+         checkpoint: calibration.WalkCheckpoint | None = None) -> nn.Module:
     """Quantize every block linear of ``model`` in place with GPTQ on ``calib`` tokens, one block at a time.
 
     The quantized block's outputs feed the next block, so later blocks see (and correct for) the error
-    of earlier ones.
+    of earlier ones. With a ``checkpoint``, each finished block is saved and an interrupted run resumes.
     """
     require_unquantized(model, "gptq")
     record = get_record(model)
     tokens = calibration.cap_length(calib, config.max_seq_len)
     spec = get_spec(model)
-    fallbacks = []
-    for layer in calibration.layerwise(model, tokens, config.batch_size, config.device, desc="gptq"):
+    fallbacks = record.metrics["gptq_rtn_fallbacks"] = []  # filled block by block: a resumed walk restores it
+    for layer in calibration.layerwise(model, tokens, config.batch_size, config.device, desc="gptq",
+                                       checkpoint=checkpoint):
         targets = block_targets(model, layer.index, layer.block, config.skip)
         groups = [[n for n in group if n in targets] for group in spec.input_groups()]
         groups = [g for g in groups if g]
@@ -182,5 +184,4 @@ def gptq(model: nn.Module, config: GPTQConfig, calib: torch.Tensor) -> nn.Module
                     fallbacks.append(path)
                 replace_with_weight_only(model, layer.index, layer.block, name, codes, scale, zero, config)
         del stats
-    record.metrics["gptq_rtn_fallbacks"] = fallbacks
     return model

@@ -409,21 +409,25 @@ def keep_in_float(sensitivity: dict[str, float], sizes: dict[str, int], budget: 
     return kept
 
 
-@register(SmoothQuantConfig, needs_calibration=True)
-def smoothquant(model: nn.Module, config: SmoothQuantConfig, calib: torch.Tensor) -> nn.Module:
+@register(SmoothQuantConfig, needs_calibration=True, resumable=True)
+def smoothquant(model: nn.Module, config: SmoothQuantConfig, calib: torch.Tensor,
+                checkpoint: calibration.WalkCheckpoint | None = None) -> nn.Module:
     """Smooth and quantize every block of ``model`` to W8A8, one block at a time, in place.
 
     Args:
         model: a model from ``slmkit.load_model`` (any supported architecture).
         config: the SmoothQuantConfig.
         calib: calibration token ids (num_blocks, block_len), e.g. ``slmkit.calib_data(model)``.
+        checkpoint: save each finished block (and the sensitivity measurement) there; an interrupted
+            run given the same checkpoint resumes after the last finished block.
     """
     spec = get_spec(model)
     record = get_record(model)
     layers_path = spec.layers
     require_unquantized(model, "smoothquant")
     if config.float_budget > 0:
-        sensitivity = layer_sensitivity(model, calib[: config.sensitivity_blocks])
+        sensitivity = calibration.cached(checkpoint, "sensitivity",
+                                         lambda: layer_sensitivity(model, calib[: config.sensitivity_blocks]))
         sizes = {f"{layers_path}.{index}.{name}": weight_out_in(module).numel()
                  for index, block in enumerate(blocks(model)) for name, module in block_linears(model, block)}
         kept = keep_in_float(sensitivity, sizes, config.float_budget)
@@ -432,7 +436,7 @@ def smoothquant(model: nn.Module, config: SmoothQuantConfig, calib: torch.Tensor
         config = dataclasses.replace(config, skip=config.skip + [f"^{re.escape(path)}$" for path in kept])
     search = config.smoothing and bool(config.alpha_grid)
     gptq = config.weight_method == "gptq"
-    for layer in calibration.layerwise(model, calib, config.batch_size, desc="smoothquant"):
+    for layer in calibration.layerwise(model, calib, config.batch_size, desc="smoothquant", checkpoint=checkpoint):
         linears = list(block_linears(model, layer.block))
         # one block run collects every statistic: max |x|, token samples (alpha search), XᵀX (GPTQ)
         reducers = [calibration.abs_max_reduce]
