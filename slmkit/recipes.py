@@ -319,7 +319,7 @@ def run_recipe(recipe: Recipe | str | os.PathLike, output: str | os.PathLike | N
         walk_dir = work_dir if PartialState().num_processes == 1 else None
         apply_step(current, step, calib, context=StepContext(recipe.model, work_dir, device), checkpoint_dir=walk_dir)
         seconds[f"step {index + 1} {step.name}"] = time.perf_counter() - start
-        if partial is not None and index + 1 < len(recipe.steps) and _is_main_process():
+        if partial is not None and _is_main_process():  # the last step too: the evaluation can be long
             save(current, partial / "checkpoint", overwrite=True)
             _write_state(partial, recipe, index + 1)
             if work_dir is not None and work_dir.exists():

@@ -237,6 +237,24 @@ def test_a_run_interrupted_inside_its_first_walk_resumes_after_the_last_finished
         run_recipe(other, output=tmp_path / "out2")
 
 
+def test_a_run_interrupted_in_its_final_evaluation_does_not_redo_its_steps(tiny_dir, tmp_path, monkeypatch):
+    import slmkit.recipes
+
+    model_dir, text = tiny_dir
+    recipe = Recipe.from_dict(_recipe(model_dir, text, [{"test_flaky": {}}]))
+    FAIL.update(now=False, calls=0)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(slmkit.recipes, "evaluate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(recipe, output=tmp_path / "out")
+    monkeypatch.undo()
+    result = run_recipe(recipe, output=tmp_path / "out")
+    assert FAIL["calls"] == 1 and result.report is not None and not (tmp_path / "out.partial").exists()
+
+
 def test_a_partial_directory_that_saved_no_work_does_not_block_another_recipe(tiny_dir, tmp_path):
     model_dir, text = tiny_dir
     partial = tmp_path / "out.partial"
