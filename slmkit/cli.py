@@ -31,13 +31,31 @@ def _write_json(file: Path | None, data) -> None:
         print(f"wrote {file}")
 
 
+def _sigterm_interrupts() -> None:
+    """Make SIGTERM raise KeyboardInterrupt, so `kill` stops a command as cleanly as Ctrl-C does."""
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def cmd_run(args) -> int:
-    from slmkit.recipes import Recipe, run_recipe
+    from slmkit.recipes import Recipe, partial_dir, run_recipe
 
     recipe = Recipe.from_file(args.recipe, args.set)  # validate before any work
     output = args.output or str(Path("out") / Path(args.recipe).stem)
     json_file = _check_new_file(args.json, args.overwrite)
-    result = run_recipe(recipe, output=output, overwrite=args.overwrite, model=args.model, device=args.device)
+    _sigterm_interrupts()  # a scheduler's `kill` (SLURM, docker stop) stops as Ctrl-C does
+    try:
+        result = run_recipe(recipe, output=output, overwrite=args.overwrite, model=args.model, device=args.device)
+    except KeyboardInterrupt:
+        partial = partial_dir(Path(output).expanduser())
+        if partial.exists():
+            print(f"\nslmkit: the finished work is kept in {partial}; run the same command again to resume",
+                  file=sys.stderr)
+        raise
     print()
     print(result.table())
     _write_json(json_file, {"report": result.report.to_dict() if result.report else None,
@@ -94,8 +112,6 @@ def cmd_generate(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    import signal
-
     from slmkit import load_model
     from slmkit.engine import Engine, EngineConfig
     from slmkit.engine.server import Server, check_listen
@@ -105,10 +121,7 @@ def cmd_serve(args) -> int:
                           memory_fraction=args.memory_fraction, speculative_tokens=args.speculative_tokens)
     engine = Engine(load_model(args.model, dtype=args.dtype, device=args.device), config)
 
-    def stop(signum, frame):  # `kill` (docker stop, systemd) stops as cleanly as Ctrl-C
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
+    _sigterm_interrupts()  # `kill` (docker stop, systemd) stops as cleanly as Ctrl-C
     with Server(engine, args.host, args.port, model_name=args.name, quiet=args.quiet) as server:
         print(f"slmkit: serving '{server.model_name}' at {server.url}/v1 (max_model_len {engine.max_model_len}, "
               f"{engine.num_blocks} cache blocks); Ctrl-C stops", file=sys.stderr, flush=True)

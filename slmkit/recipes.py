@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from slmkit._files import ensure_new, write_text_atomic
@@ -211,7 +212,8 @@ class RecipeResult:
         return "\n".join(lines)
 
 
-def _partial_dir(output: Path) -> Path:
+def partial_dir(output: Path) -> Path:
+    """Where a recipe run to ``output`` keeps its finished work until it completes (``OUTPUT.partial``)."""
     return output.with_name(output.name + ".partial")
 
 
@@ -234,6 +236,28 @@ def _write_state(partial: Path, recipe: Recipe, completed: int) -> None:
     """Record in ``partial/state.json`` which recipe the directory belongs to and how many steps it finished."""
     write_text_atomic(partial / "state.json",
                       json.dumps({"fingerprint": recipe.fingerprint(), "completed_steps": completed}) + "\n")
+
+
+def _calibration(model, recipe: Recipe, texts: dict[str, list[str]] | None, partial: Path | None) -> torch.Tensor:
+    """The recipe's calibration blocks, made once per run and kept in ``partial/calibration.safetensors``.
+
+    A resumed run reads them back: text the model generates itself takes minutes to make again, and it
+    comes from the model as it was at the first calibrating step, which a resumed run no longer holds.
+    """
+    from safetensors.torch import load_file, save_file
+
+    file = partial / "calibration.safetensors" if partial is not None else None
+    if file is not None and file.is_file():
+        try:
+            return load_file(str(file))["tokens"]
+        except Exception as error:  # truncated or foreign file: make the blocks again
+            print(f"slmkit: {file} unreadable ({str(error).splitlines()[0][:120]}); making the calibration again")
+    calib = calibration_blocks(model, recipe.calibration, texts)
+    if file is not None and _is_main_process():
+        tmp = file.with_name(f".{file.name}.tmp")
+        save_file({"tokens": calib.contiguous()}, str(tmp))
+        os.replace(tmp, file)
+    return calib
 
 
 def _is_main_process() -> bool:
@@ -289,7 +313,7 @@ def run_recipe(recipe: Recipe | str | os.PathLike, output: str | os.PathLike | N
     if PartialState().num_processes > 1 and device != "cpu":
         device = str(PartialState().device)  # under `accelerate launch`: this process's GPU
     output = ensure_new(output, overwrite) if output is not None else None
-    partial = _partial_dir(output) if output is not None else None
+    partial = partial_dir(output) if output is not None else None
     done = _resume_point(partial, recipe, overwrite) if partial is not None else 0
     seconds: dict[str, float] = {}
     calib_texts = _check_texts(recipe)
@@ -307,11 +331,11 @@ def run_recipe(recipe: Recipe | str | os.PathLike, output: str | os.PathLike | N
         if index < done:
             continue
         start = time.perf_counter()
-        if lookup(step).needs_calibration and calib is None:
-            calib = calibration_blocks(current, recipe.calibration, calib_texts)
-        print(f"slmkit: step {index + 1}/{len(recipe.steps)}: {step.name} {json.dumps(step.to_dict())}")
         if partial is not None and not (partial / "state.json").is_file() and _is_main_process():
             _write_state(partial, recipe, 0)  # so a run interrupted inside this step is recognised
+        if lookup(step).needs_calibration and calib is None:
+            calib = _calibration(current, recipe, calib_texts, partial)
+        print(f"slmkit: step {index + 1}/{len(recipe.steps)}: {step.name} {json.dumps(step.to_dict())}")
         # a step with its own resumable state (distillation, a layer-by-layer walk's finished blocks) keeps
         # it under the partial directory; the processes of a multi-process run would share one walk directory,
         # so there each walks afresh

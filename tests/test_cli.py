@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from slmkit.cli import build_parser, main
@@ -100,3 +102,39 @@ def test_serve_refuses_a_bad_or_taken_port_before_loading(capsys):
         port = taken.getsockname()[1]
         # the model does not exist either: the port is checked first
         _one_line_error(capsys, ["serve", "does-not-exist", "--port", str(port)], f"cannot listen on 127.0.0.1:{port}")
+
+
+def test_an_interrupted_run_says_where_its_work_is_kept_and_how_to_resume(capsys, tmp_path, monkeypatch):
+    import slmkit.cli
+    import slmkit.recipes
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: smollm2-135m\nsteps:\n  - rtn: {}\n")
+
+    def interrupted(recipe, output, **kwargs):
+        slmkit.recipes.partial_dir(Path(output)).mkdir()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(slmkit.recipes, "run_recipe", interrupted)
+    monkeypatch.setattr(slmkit.cli, "_sigterm_interrupts", lambda: None)
+    assert main(["run", str(recipe), "--output", str(tmp_path / "out")]) == 130
+    err = capsys.readouterr().err
+    assert f"the finished work is kept in {tmp_path / 'out.partial'}; run the same command again to resume" in err
+    assert err.strip().endswith("slmkit: interrupted")
+
+
+def test_sigterm_stops_a_command_as_ctrl_c_does():
+    import os
+    import signal
+    import time
+
+    from slmkit.cli import _sigterm_interrupts
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        _sigterm_interrupts()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

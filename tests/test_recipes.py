@@ -201,6 +201,7 @@ def test_interrupted_run_resumes_after_the_last_finished_step(tiny_dir, tmp_path
 
 def test_a_run_interrupted_inside_its_first_walk_resumes_after_the_last_finished_block(tiny_dir, tmp_path,
                                                                                        monkeypatch, capsys):
+    import slmkit.recipes
     from slmkit import calib as calibration
 
     model_dir, text = tiny_dir
@@ -220,10 +221,17 @@ def test_a_run_interrupted_inside_its_first_walk_resumes_after_the_last_finished
     partial = tmp_path / "out.partial"
     assert json.loads((partial / "state.json").read_text())["completed_steps"] == 0
     assert [p.name for p in (partial / "step-1-gptq").glob("block-*")] == ["block-0000.safetensors"]
+    assert (partial / "calibration.safetensors").is_file()
     monkeypatch.undo()
+
+    def not_again(*args):
+        raise AssertionError("a resumed run makes its calibration blocks again")
+
+    monkeypatch.setattr(slmkit.recipes, "calibration_blocks", not_again)  # they are read back
     capsys.readouterr()
     resumed = run_recipe(recipe, output=tmp_path / "out")
     assert "gptq: resuming after block 1 of 2" in capsys.readouterr().out
+    monkeypatch.undo()
     assert not partial.exists()
     expected = straight.model.state_dict()
     for name, tensor in resumed.model.state_dict().items():
