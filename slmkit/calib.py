@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from slmkit._files import write_text_atomic
+from slmkit._files import save_tensors_atomic, write_text_atomic
 from slmkit.errors import SlmkitError
 from slmkit.models.arch import blocks, get_spec
 from slmkit.models.record import get_record
@@ -211,19 +211,13 @@ class WalkCheckpoint:
 
     def save_block(self, model: nn.Module, index: int, block: nn.Module) -> None:
         """Save finished block ``index`` (tensors + module layouts), then record it as finished."""
-        from safetensors.torch import save_file
-
         from slmkit.models.checkpoint import json_default
 
         record = get_record(model)
         prefix = f"{get_spec(model).layers}.{index}."
         modules = {path: layout for path, layout in record.modules.items() if path.startswith(prefix)}
         tensors = {name: t.detach().cpu().clone() for name, t in block.state_dict().items()}  # no shared storage
-        self.directory.mkdir(parents=True, exist_ok=True)
-        target = self._block_file(index)
-        tmp = target.with_name(f".{target.name}.tmp")
-        save_file(tensors, str(tmp), metadata={"modules": json.dumps(modules, default=json_default)})
-        os.replace(tmp, target)
+        save_tensors_atomic(self._block_file(index), tensors, {"modules": json.dumps(modules, default=json_default)})
         state = {"fingerprint": self.fingerprint, "completed": index + 1, "metrics": record.metrics}
         write_text_atomic(self.directory / self.STATE, json.dumps(state, default=json_default) + "\n")
 

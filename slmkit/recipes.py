@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import yaml
 
-from slmkit._files import ensure_new, write_text_atomic
+from slmkit._files import ensure_new, save_tensors_atomic, write_text_atomic
 from slmkit.config import BaseConfig, ConfigError, StepContext, apply_step, config_from_step, lookup
 from slmkit.data import DataConfig, calibration_blocks, load_calibration_texts, load_texts
 from slmkit.errors import SlmkitError
@@ -244,7 +244,7 @@ def _calibration(model, recipe: Recipe, texts: dict[str, list[str]] | None, part
     A resumed run reads them back: text the model generates itself takes minutes to make again, and it
     comes from the model as it was at the first calibrating step, which a resumed run no longer holds.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     file = partial / "calibration.safetensors" if partial is not None else None
     if file is not None and file.is_file():
@@ -254,9 +254,7 @@ def _calibration(model, recipe: Recipe, texts: dict[str, list[str]] | None, part
             print(f"slmkit: {file} unreadable ({str(error).splitlines()[0][:120]}); making the calibration again")
     calib = calibration_blocks(model, recipe.calibration, texts)
     if file is not None and _is_main_process():
-        tmp = file.with_name(f".{file.name}.tmp")
-        save_file({"tokens": calib.contiguous()}, str(tmp))
-        os.replace(tmp, file)
+        save_tensors_atomic(file, {"tokens": calib.contiguous()})
     return calib
 
 
