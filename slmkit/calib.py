@@ -1,7 +1,7 @@
 """Layer-by-layer calibration: capture the inputs of block 0, then walk the blocks one at a time.
 
-Calibration-based transforms (SmoothQuant, GPTQ, AWQ, Wanda, SparseGPT, activation importance) share
-this walk::
+Calibration-based transforms (SmoothQuant, GPTQ, AWQ, Wanda, SparseGPT, activation importance, block
+influence, shared-FFN capture) share this walk::
 
     for layer in calib.layerwise(model, tokens):
         stats = calib.input_abs_max(layer, dict(arch.block_linears(model, layer.block)))
@@ -13,9 +13,13 @@ does not fit on the device can still be calibrated on it: peak device memory ≈
 Each block gets the masks and position embeddings the model's own forward passes it (they differ per
 block where layers alternate attention types), captured once up front.
 
-A walk given a :class:`WalkCheckpoint` saves every finished block to its directory; after a crash or
-Ctrl-C, the same call restores the finished blocks, recomputes their outputs (a forward pass each, no
-statistics) and goes on from the next block, ending with the weights an uninterrupted walk gives.
+A walk given a :class:`WalkCheckpoint` saves every finished block to its directory, and now and then
+the hidden states between two blocks; after a crash or Ctrl-C, the same call restores the finished
+blocks, takes the saved hidden states (running only the finished blocks after them, a forward pass each,
+no statistics) and goes on from the next block, ending with the weights an uninterrupted walk gives.
+Walks that only measure (importance scores) use :func:`block_stats`, which saves each block's statistics
+instead of the block (:class:`StatsCheckpoint`). A loop body that ran the block in its final form hands
+its outputs to the walk (``observe_inputs(..., keep_outputs=True)``), so such walks run each block once.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -56,6 +61,9 @@ class LayerCalibration:
     extra_args: list[tuple]  # positional arguments after hidden_states, per batch
     kwargs: list[dict[str, Any]]  # keyword arguments (position embeddings, masks...), per batch
     per_block: list[tuple[list[tuple], list[dict[str, Any]]]] = dataclasses.field(default_factory=list, repr=False)
+    # Set by a loop body that ran the block in its final form (``observe_inputs(..., keep_outputs=True)``):
+    # the walk feeds these to the next block instead of running this one again. None at every yield.
+    outputs: list[torch.Tensor] | None = dataclasses.field(default=None, repr=False)
 
     def at(self, index: int, block: nn.Module) -> None:
         """Point at block ``index`` (``block``), with the arguments the model passes that block."""
@@ -150,6 +158,20 @@ def capture_block_inputs(
     return captured
 
 
+def _read_tensors(file: Path, what: str, remedy: str,
+                  parse: Callable[[dict[str, str]], Any] = dict) -> tuple[dict[str, torch.Tensor], Any]:
+    """(tensors, ``parse(metadata)``) of a safetensors file this module wrote; a missing, truncated or
+    foreign file is one SlmkitError naming it, ``what`` it should hold and the ``remedy``."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            parsed = parse(handle.metadata() or {})
+            return {name: handle.get_tensor(name) for name in handle.keys()}, parsed
+    except Exception as error:
+        raise SlmkitError(f"{file}: cannot read {what} ({str(error).splitlines()[0][:200]}); {remedy}") from None
+
+
 class WalkCheckpoint:
     """A directory where :func:`layerwise` saves each finished block, so an interrupted walk resumes.
 
@@ -157,6 +179,11 @@ class WalkCheckpoint:
     transform put in it) and ``state.json`` (how many blocks are finished, the model's metrics then, and
     the fingerprint). The fingerprint names the work: the transform's config, the calibration tokens and
     the model's history. A directory holding another walk's blocks is refused, never mixed in.
+
+    ``frontier.safetensors`` holds the walk's hidden states after a recent finished block (the next
+    block's inputs), so a resumed walk runs only the finished blocks after it instead of all of them. It is
+    written after the first block and then whenever ten times its last write time has passed since then:
+    saving costs at most about a tenth of the walk's time.
 
     Resume with the model as it was before the interrupted call (loaded again, or the recipe's last step
     checkpoint): the saved blocks replace blocks 0..k-1, the walk redoes block k onwards.
@@ -168,10 +195,13 @@ class WalkCheckpoint:
     """
 
     STATE = "state.json"
+    FRONTIER = "frontier.safetensors"
 
     def __init__(self, directory: str | os.PathLike, fingerprint: str):
         self.directory = Path(directory).expanduser()
         self.fingerprint = fingerprint
+        self._frontier_saved_at: float | None = None  # perf_counter() after the last frontier write
+        self._frontier_write_s = 0.0
 
     @classmethod
     def for_step(cls, directory: str | os.PathLike, model: nn.Module, config: Any,
@@ -218,23 +248,60 @@ class WalkCheckpoint:
         modules = {path: layout for path, layout in record.modules.items() if path.startswith(prefix)}
         tensors = {name: t.detach().cpu().clone() for name, t in block.state_dict().items()}  # no shared storage
         save_tensors_atomic(self._block_file(index), tensors, {"modules": json.dumps(modules, default=json_default)})
-        state = {"fingerprint": self.fingerprint, "completed": index + 1, "metrics": record.metrics}
+        self._save_state(model, index)
+
+    def _save_state(self, model: nn.Module, index: int) -> None:
+        """Record blocks 0..index as finished, with the model's metrics now."""
+        from slmkit.models.checkpoint import json_default
+
+        state = {"fingerprint": self.fingerprint, "completed": index + 1, "metrics": get_record(model).metrics}
         write_text_atomic(self.directory / self.STATE, json.dumps(state, default=json_default) + "\n")
+
+    def _frontier_due(self) -> bool:
+        """Whether to write the frontier now: first after the first block, then every 10 write times."""
+        if self._frontier_saved_at is None:
+            return True
+        return time.perf_counter() - self._frontier_saved_at >= 10 * self._frontier_write_s
+
+    def save_frontier(self, next_index: int, hidden_states: list[torch.Tensor]) -> None:
+        """Keep ``hidden_states`` (block ``next_index``'s inputs, one tensor per batch) when it is due."""
+        if not self._frontier_due():
+            return
+        start = time.perf_counter()
+        tensors = {f"batch-{i:05d}": h.detach().cpu().contiguous() for i, h in enumerate(hidden_states)}
+        save_tensors_atomic(self.directory / self.FRONTIER, tensors,
+                            {"fingerprint": self.fingerprint, "next": str(next_index)})
+        self._frontier_saved_at = time.perf_counter()
+        self._frontier_write_s = self._frontier_saved_at - start
+
+    def load_frontier(self, done: int, like: list[torch.Tensor]) -> tuple[int, list[torch.Tensor]]:
+        """(block index, its input hidden states) saved at or before finished block ``done``; (0, like)
+        when none is saved. ``like``: the walk's block-0 inputs, whose shapes and dtypes it must match."""
+        file = self.directory / self.FRONTIER
+        if not file.is_file():
+            return 0, like
+        tensors, (fingerprint, next_index) = _read_tensors(
+            file, "the saved hidden states", "delete it to resume from the saved blocks alone",
+            lambda metadata: (metadata.get("fingerprint"), int(metadata["next"])))
+        hidden = [tensors[name] for name in sorted(tensors)]  # batch-00000, batch-00001, ...
+        self.check_fingerprint(fingerprint)
+        if (next_index > done or len(hidden) != len(like)
+                or any(h.shape != x.shape or h.dtype != x.dtype for h, x in zip(hidden, like))):
+            raise SlmkitError(f"{file}: the saved hidden states do not fit this walk; delete it to resume from "
+                              f"the saved blocks alone")
+        return next_index, [h.to(x.device) for h, x in zip(hidden, like)]
+
+    def stats(self, name: str) -> "StatsCheckpoint":
+        """A :class:`StatsCheckpoint` for a measuring walk of this work, in the subdirectory ``name``."""
+        return StatsCheckpoint(self.directory / name, self.fingerprint)
 
     def load_block(self, model: nn.Module, index: int, block: nn.Module) -> None:
         """Put saved block ``index`` into ``block`` (in place): its replaced modules, then its tensors."""
-        from safetensors import safe_open
-
         from slmkit.models.checkpoint import rebuild_modules
 
         file = self._block_file(index)
-        try:
-            with safe_open(str(file), framework="pt") as handle:
-                modules = json.loads(handle.metadata()["modules"])
-                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-        except Exception as error:  # missing, truncated or foreign file
-            raise SlmkitError(f"{file}: cannot read a saved block ({str(error).splitlines()[0][:200]}); "
-                              f"delete {self.directory} to start the walk over") from None
+        tensors, modules = _read_tensors(file, "a saved block", f"delete {self.directory} to start the walk over",
+                                         lambda metadata: json.loads(metadata["modules"]))
         prefix = f"{get_spec(model).layers}.{index}."
         dtype = next((t.dtype for t in block.parameters() if t.is_floating_point()), torch.float32)
         rebuild_modules(block, {path[len(prefix):]: layout for path, layout in modules.items()}, dtype, file)
@@ -250,6 +317,41 @@ class WalkCheckpoint:
         _merge_into(get_record(model).metrics, state.get("metrics", {}))
 
 
+class StatsCheckpoint(WalkCheckpoint):
+    """A :class:`WalkCheckpoint` for walks that leave the blocks as they are and only measure them.
+
+    Each finished block's statistics (a dict of tensors) go to ``stats-<i>.safetensors``; the blocks
+    themselves are not saved: they are unchanged (a resumed walk runs those after the saved hidden states
+    to rebuild the next block's inputs).
+    Made by :meth:`WalkCheckpoint.stats`; used by :func:`block_stats`.
+    """
+
+    def _stats_file(self, index: int) -> Path:
+        return self.directory / f"stats-{index:04d}.safetensors"
+
+    def save_block(self, model: nn.Module, index: int, block: nn.Module) -> None:
+        """Record block ``index`` as finished (its statistics are saved already, by :meth:`save_stats`)."""
+        if not self._stats_file(index).is_file():
+            raise SlmkitError(f"{self._stats_file(index)}: block {index}'s statistics were not saved")
+        self._save_state(model, index)
+
+    def load_block(self, model: nn.Module, index: int, block: nn.Module) -> None:
+        """Nothing to restore: a measuring walk leaves the block unchanged."""
+
+    def save_stats(self, index: int, stats: dict[str, torch.Tensor]) -> None:
+        """Save block ``index``'s statistics (before the walk records the block as finished)."""
+        tensors = {name: t.detach().cpu().contiguous().clone() for name, t in stats.items()}
+        save_tensors_atomic(self._stats_file(index), tensors, {"fingerprint": self.fingerprint})
+
+    def load_stats(self, index: int) -> dict[str, torch.Tensor]:
+        """Block ``index``'s saved statistics."""
+        file = self._stats_file(index)
+        stats, fingerprint = _read_tensors(file, "saved statistics", f"delete {self.directory} to start the walk over",
+                                           lambda metadata: metadata.get("fingerprint"))
+        self.check_fingerprint(fingerprint)
+        return stats
+
+
 def _merge_into(target: dict, saved: dict) -> None:
     """Update ``target`` from ``saved`` keeping the identity of nested dicts and lists a transform may hold."""
     for key, value in saved.items():
@@ -262,29 +364,66 @@ def _merge_into(target: dict, saved: dict) -> None:
             target[key] = value
 
 
+def _kept(checkpoint: WalkCheckpoint | None, file_name: str, compute: Callable[[], Any],
+          load: Callable[[Path], tuple[str, Any]], store: Callable[[Path, Any], None]) -> Any:
+    """``compute()``, or what an earlier run of the same work kept in ``checkpoint``'s ``file_name``.
+
+    ``load(file)`` → (fingerprint, value); ``store(file, value)`` writes it (atomically)."""
+    if checkpoint is None:
+        return compute()
+    checkpoint.completed()  # refuses a directory of another walk before any work
+    file = checkpoint.directory / file_name
+    if file.is_file():
+        fingerprint, value = load(file)
+        checkpoint.check_fingerprint(fingerprint)
+        return value
+    value = compute()
+    store(file, value)
+    return value
+
+
 def cached(checkpoint: WalkCheckpoint | None, name: str, compute: Callable[[], Any]) -> Any:
     """``compute()``, kept as JSON in the walk's directory so a resumed run does not compute it again.
 
     For costly passes a transform makes before its walk (e.g. SmoothQuant's sensitivity measurement).
     """
-    if checkpoint is None:
-        return compute()
-    checkpoint.completed()  # refuses a directory of another walk before any work
-    file = checkpoint.directory / f"{name}.json"
-    if file.is_file():
-        try:
-            saved = json.loads(file.read_text())
-            fingerprint, value = saved["fingerprint"], saved["value"]
-        except (ValueError, KeyError, TypeError) as error:
-            raise SlmkitError(f"{file}: corrupt ({error}); delete it to compute it again") from None
-        checkpoint.check_fingerprint(fingerprint)
-        return value
     from slmkit.models.checkpoint import json_default
 
-    value = compute()
-    write_text_atomic(file, json.dumps({"fingerprint": checkpoint.fingerprint, "value": value},
-                                       default=json_default) + "\n")
-    return value
+    def load(file: Path) -> tuple[str, Any]:
+        try:
+            saved = json.loads(file.read_text())
+            return saved["fingerprint"], saved["value"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise SlmkitError(f"{file}: corrupt ({error}); delete it to compute it again") from None
+
+    def store(file: Path, value: Any) -> None:
+        write_text_atomic(file, json.dumps({"fingerprint": checkpoint.fingerprint, "value": value},
+                                           default=json_default) + "\n")
+
+    return _kept(checkpoint, f"{name}.json", compute, load, store)
+
+
+def cached_tensors(checkpoint: WalkCheckpoint | None, name: str,
+                   compute: Callable[[], tuple[dict[str, torch.Tensor], dict]]) -> tuple[dict[str, torch.Tensor], dict]:
+    """``compute()`` → (tensors, JSON-able info), kept in one safetensors file of the walk's directory.
+
+    For costly pieces of work a transform does after its walk (e.g. the shared-FFN merge of each group):
+    a resumed run loads the finished pieces and computes only the rest.
+    """
+    from slmkit.models.checkpoint import json_default
+
+    def load(file: Path) -> tuple[str, tuple[dict[str, torch.Tensor], dict]]:
+        tensors, (fingerprint, info) = _read_tensors(
+            file, "a kept result", "delete it to compute it again",
+            lambda metadata: (metadata["fingerprint"], json.loads(metadata["info"])))
+        return fingerprint, (tensors, info)
+
+    def store(file: Path, value: tuple[dict[str, torch.Tensor], dict]) -> None:
+        tensors, info = value
+        save_tensors_atomic(file, {key: t.detach().cpu().contiguous().clone() for key, t in tensors.items()},
+                            {"fingerprint": checkpoint.fingerprint, "info": json.dumps(info, default=json_default)})
+
+    return _kept(checkpoint, f"{name}.safetensors", compute, load, store)
 
 
 def layerwise(
@@ -308,6 +447,8 @@ def layerwise(
 
     Each yield hands out the same :class:`LayerCalibration`; after the walk its ``hidden_states`` are
     the last block's outputs (a new list per block, so a list kept from an earlier yield stays valid).
+    A loop body that ran the block in its final form may hand its outputs over in ``layer.outputs``
+    (see :func:`observe_inputs`): the walk then does not run the block again.
     """
     if tokens.ndim != 2 or tokens.numel() == 0:
         raise SlmkitError(f"calibration tokens must be a non-empty (num_blocks, block_len) tensor, got {tuple(tokens.shape)}")
@@ -319,10 +460,15 @@ def layerwise(
         raise SlmkitError(f"{checkpoint.directory} holds {done} blocks; this model has {len(layers)}")
     layer = capture_block_inputs(model, tokens, batch_size, device)
     if done:
-        print(f"slmkit: {desc}: resuming after block {done} of {len(layers)} from {checkpoint.directory}")
+        # blocks before the saved frontier are only loaded; the ones after it run to rebuild the inputs
+        start, layer.hidden_states = checkpoint.load_frontier(done, layer.hidden_states)
+        print(f"slmkit: {desc}: resuming after block {done} of {len(layers)} from {checkpoint.directory}"
+              + (f" (hidden states saved after block {start})" if start else ""))
         for index in tqdm(range(done), desc=f"{desc}: restoring", unit="block"):
             block = layers[index]
             checkpoint.load_block(model, index, block)
+            if index < start:
+                continue
             block.to(device)
             layer.at(index, block)
             layer.hidden_states = layer.run()
@@ -333,25 +479,62 @@ def layerwise(
         block = layers[index]
         block.to(device)
         layer.at(index, block)
+        layer.outputs = None
         yield layer
         if checkpoint is not None:
             checkpoint.save_block(model, index, block)
-        layer.hidden_states = layer.run()  # the changed block's outputs feed the next block
+        # the changed block's outputs feed the next block
+        outputs, layer.outputs = layer.outputs, None
+        layer.hidden_states = outputs if outputs is not None else layer.run()
+        if checkpoint is not None:
+            checkpoint.save_frontier(index + 1, layer.hidden_states)
         if device != home:
             block.to(home)
     if device != home:
         _move_shell(model, layers, home)
 
 
+def block_stats(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    measure: Callable[[LayerCalibration], dict[str, torch.Tensor]],
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    desc: str = "measuring",
+    checkpoint: StatsCheckpoint | None = None,
+) -> list[dict[str, torch.Tensor]]:
+    """``measure(layer)`` for every block of a walk that leaves the blocks unchanged; one dict per block.
+
+    ``measure`` returns the block's statistics (tensors) and may hand the block's outputs to the walk in
+    ``layer.outputs`` (then each block runs once). With ``checkpoint``, each block's statistics are saved
+    as it finishes, and a resumed call loads the finished blocks' statistics and measures only the rest.
+
+    Example (Minitron-style FFN channel energy per block):
+        >>> stats = block_stats(model, calib, lambda layer: observe_inputs(
+        ...     layer, {"down": layer.block.mlp.down_proj}, sq_sum_reduce, keep_outputs=True))
+    """
+    done = checkpoint.completed() if checkpoint is not None else 0
+    results = [checkpoint.load_stats(index) for index in range(done)] if done else []
+    for layer in layerwise(model, tokens, batch_size, device, desc=desc, checkpoint=checkpoint):
+        stats = measure(layer)
+        if checkpoint is not None:
+            checkpoint.save_stats(layer.index, stats)
+        results.append(stats)
+    return results
+
+
 def observe_inputs(
     layer: LayerCalibration,
     modules: dict[str, nn.Module],
     reduce: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
+    keep_outputs: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Run ``layer`` and fold each module's inputs into a statistic with ``reduce(x, state)``.
 
     ``x`` is the module's input flattened to (tokens, in_features); ``state`` the running value (None at
-    first). Returns the final statistic per module name.
+    first). Returns the final statistic per module name. ``keep_outputs``: the loop body will not change
+    the block after this, so the walk takes this run's outputs (``layer.outputs``) instead of running the
+    block again.
     """
     stats: dict[str, torch.Tensor | None] = {name: None for name in modules}
 
@@ -364,10 +547,12 @@ def observe_inputs(
 
     handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in modules.items()]
     try:
-        layer.run()
+        outputs = layer.run()
     finally:
         for handle in handles:
             handle.remove()
+    if keep_outputs:
+        layer.outputs = outputs
     return stats
 
 

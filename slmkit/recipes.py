@@ -16,8 +16,9 @@ or ``calibration.num_blocks=128`` (see :func:`apply_overrides`).
 ``run_recipe`` loads the model, applies the steps, evaluates against the original model and saves.
 After each step the model is checkpointed in ``<output>.partial/``; running the same recipe to the same
 output again resumes after the last finished step (after a crash or Ctrl-C). Inside a step, distillation
-resumes from its last checkpoint and the layer-by-layer walks (SmoothQuant, GPTQ, AWQ, Wanda, SparseGPT)
-after their last finished block.
+resumes from its last checkpoint, the layer-by-layer walks (SmoothQuant, GPTQ, AWQ, Wanda, SparseGPT)
+after their last finished block, the importance walks of width, depth and layer-wise scaling steps after
+their last measured block, and a shared-FFN step after its last merged group.
 """
 
 from __future__ import annotations

@@ -54,6 +54,20 @@ def tiny_model(family: str, seed: int = 0, vocab_size: int = 256, **overrides):
     return model
 
 
+def _umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def assert_ordinary_modes(directory):
+    """The directory and every file in it have the modes mkdir / open give under the umask (shared by tests)."""
+    mask = _umask()
+    assert directory.stat().st_mode & 0o777 == 0o777 & ~mask
+    for file in directory.rglob("*"):
+        assert file.stat().st_mode & 0o777 == (0o777 if file.is_dir() else 0o666) & ~mask, file.name
+
+
 def random_tokens(batch: int, length: int, vocab_size: int = 256, seed: int = 0) -> torch.Tensor:
     """Random token ids (batch, length)."""
     return torch.randint(0, vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slmkit._files import ensure_new
+from slmkit._files import default_modes, ensure_new
 from slmkit._version import CHECKPOINT_FORMAT_VERSION, __version__
 from slmkit.errors import SlmkitError
 from slmkit.models import compression
@@ -152,6 +152,7 @@ def save(model: nn.Module, path: str | os.PathLike, overwrite: bool = False, com
         manifest["compressed"], manifest["aliases"] = compressed, aliases
         manifest["files"] = {WEIGHTS: {"sha256": _sha256(tmp / WEIGHTS), "bytes": (tmp / WEIGHTS).stat().st_size}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=json_default) + "\n")
+        default_modes(tmp)  # readable by others as a save_pretrained directory is meant to be
         if target.exists():
             old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
             os.replace(target, old / "old")

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from slmkit import _assets
+from slmkit._files import default_modes
 from slmkit.errors import SlmkitError
 from slmkit.models.arch import get_spec
 from slmkit.models.record import ModelRecord, attach_record
@@ -102,6 +103,7 @@ def convert_gguf(gguf: Path, destination: Path) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        default_modes(tmp)
         os.replace(tmp, destination)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

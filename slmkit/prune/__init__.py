@@ -28,9 +28,10 @@ def prune(model, config: BaseConfig, calib=None, checkpoint_dir=None):
             ``WidthPruneConfig(ffn=0.25)`` or ``DepthPruneConfig(ratio=0.1)``.
         calib: calibration token ids (num_blocks, block_len) from ``slmkit.calib_data``; ``None`` uses the
             embedded corpus's calibration split for the methods that need activations.
-        checkpoint_dir: for Wanda and SparseGPT (which walk the model block by block), a directory where
-            each finished block is saved. After a crash or Ctrl-C, the same call on the model loaded again
-            resumes after the last finished block, with the same result.
+        checkpoint_dir: a directory where the finished work is kept: Wanda and SparseGPT (which walk the
+            model block by block) save each finished block; width pruning by activation importance and
+            depth pruning save each block's scores. After a crash or Ctrl-C, the same call on the model
+            loaded again resumes after the last finished block, with the same result.
 
     Example:
         >>> slmkit.prune(model, SparseGPTConfig(n_m="2:4"), calib=slmkit.calib_data(model, n=128))

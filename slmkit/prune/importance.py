@@ -33,22 +33,29 @@ class WidthScores:
 
 
 def activation_scores(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8,
-                      device: str | None = None) -> WidthScores:
+                      device: str | None = None,
+                      checkpoint: calibration.StatsCheckpoint | None = None) -> WidthScores:
     """Minitron activation importance: head = ‖attention output of the head‖, FFN channel = ‖its
     activation into down_proj‖, hidden channel = ‖normed input of attention and MLP‖ summed over layers
-    (L2 norms over all calibration tokens)."""
+    (L2 norms over all calibration tokens). One forward pass per block; ``checkpoint`` keeps each block's
+    sums, so an interrupted walk resumes after its last finished block."""
     spec = get_spec(model)
     attn_inputs, _, mlp_inputs, _ = spec.input_groups()  # linears reading the normed hidden states
-    heads, ffn, hidden = [], [], None
-    for layer in calibration.layerwise(model, tokens, batch_size, device, desc="importance"):
+
+    def measure(layer: calibration.LayerCalibration) -> dict[str, torch.Tensor]:
         modules = {
             "attn_in": get_module(layer.block, attn_inputs[0]),
             "mlp_in": get_module(layer.block, mlp_inputs[0]),
             "o": get_module(layer.block, spec.o),
             "down": get_module(layer.block, spec.down),
         }
-        stats = calibration.observe_inputs(layer, modules, calibration.sq_sum_reduce)
-        shape = attention_shape(model.config, layer.index)
+        return calibration.observe_inputs(layer, modules, calibration.sq_sum_reduce, keep_outputs=True)
+
+    per_block = calibration.block_stats(model, tokens, measure, batch_size, device, desc="importance",
+                                        checkpoint=checkpoint)
+    heads, ffn, hidden = [], [], None
+    for index, stats in enumerate(per_block):
+        shape = attention_shape(model.config, index)
         heads.append(stats["o"].view(shape.num_heads, shape.head_dim).sum(dim=1).sqrt().cpu())
         ffn.append(stats["down"].sqrt().cpu())
         layer_hidden = (stats["attn_in"] + stats["mlp_in"]).cpu()
@@ -106,27 +113,26 @@ def taylor_scores(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8) -
 
 
 def block_influence(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8,
-                    device: str | None = None) -> torch.Tensor:
+                    device: str | None = None,
+                    checkpoint: calibration.StatsCheckpoint | None = None) -> torch.Tensor:
     """ShortGPT block influence per block: mean over tokens of ``1 − cos(input, output)``, shape (layers,).
 
-    Block i's output is block i+1's input, so the walk's own propagation supplies every output and no
-    block runs twice.
+    Each block runs once: its outputs are handed to the walk as the next block's inputs. ``checkpoint``
+    keeps each block's score, so an interrupted walk resumes after its last finished block.
     """
 
-    def influence(before: list[torch.Tensor], after: list[torch.Tensor]) -> float:
-        total, count = 0.0, 0
-        for x, y in zip(before, after):
+    def measure(layer: calibration.LayerCalibration) -> dict[str, torch.Tensor]:
+        outputs = layer.run()
+        total, count = torch.zeros((), dtype=torch.float64), 0
+        for x, y in zip(layer.hidden_states, outputs):
             cos = torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)  # (B, T)
-            total, count = total + float((1 - cos).sum()), count + cos.numel()
-        return total / count
+            total, count = total + (1 - cos).double().sum().cpu(), count + cos.numel()
+        layer.outputs = outputs
+        return {"influence": total / count}
 
-    scores, previous, layer = [], None, None
-    for layer in calibration.layerwise(model, tokens, batch_size, device, desc="block influence"):
-        if previous is not None:
-            scores.append(influence(previous, layer.hidden_states))
-        previous = layer.hidden_states
-    scores.append(influence(previous, layer.hidden_states))  # after the walk: the last block's outputs
-    return torch.tensor(scores)
+    per_block = calibration.block_stats(model, tokens, measure, batch_size, device, desc="block influence",
+                                        checkpoint=checkpoint)
+    return torch.tensor([float(stats["influence"]) for stats in per_block])
 
 
 def _skip_hook(module, args, kwargs, output):
@@ -134,8 +140,13 @@ def _skip_hook(module, args, kwargs, output):
     return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
 
 
-def block_loss_effect(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-    """Rise of the mean calibration loss (nats/token) when each block alone is skipped, shape (layers,)."""
+def block_loss_effect(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8,
+                      checkpoint: calibration.WalkCheckpoint | None = None) -> torch.Tensor:
+    """Rise of the mean calibration loss (nats/token) when each block alone is skipped, shape (layers,).
+
+    ``checkpoint`` keeps the loss of the full model and each block's effect as they are measured, so an
+    interrupted run measures only the blocks it had not finished.
+    """
     device = next(model.parameters()).device
 
     def mean_loss() -> float:
@@ -145,13 +156,15 @@ def block_loss_effect(model: nn.Module, tokens: torch.Tensor, batch_size: int = 
             total += float(model(input_ids=batch, labels=batch, use_cache=False).loss) * batch.shape[0]
         return total / tokens.shape[0]
 
+    def skipped_loss(block: nn.Module) -> float:
+        handle = block.register_forward_hook(_skip_hook, with_kwargs=True)
+        try:
+            return mean_loss()
+        finally:
+            handle.remove()
+
     with torch.no_grad():
-        base = mean_loss()
-        effects = []
-        for block in tqdm(blocks(model), desc="block loss effect", unit="block"):
-            handle = block.register_forward_hook(_skip_hook, with_kwargs=True)
-            try:
-                effects.append(mean_loss() - base)
-            finally:
-                handle.remove()
+        base = calibration.cached(checkpoint, "loss-base", mean_loss)
+        effects = [calibration.cached(checkpoint, f"loss-skip-{index:04d}", lambda: skipped_loss(block)) - base
+                   for index, block in enumerate(tqdm(blocks(model), desc="block loss effect", unit="block"))]
     return torch.tensor(effects)

@@ -402,13 +402,18 @@ def prune_hidden(model: nn.Module, channels: torch.Tensor) -> None:
                 _slice_linear(module, cols=channels)
 
 
-def width_scores(model: nn.Module, calib: torch.Tensor, config) -> importance.WidthScores:
+def width_scores(model: nn.Module, calib: torch.Tensor, config,
+                 checkpoint: calibration.WalkCheckpoint | None = None) -> importance.WidthScores:
     """Head / FFN / hidden scores by ``config.importance`` ("activation" or "taylor") on length-capped ``calib``
-    (``config`` has importance, batch_size, max_seq_len and device, as the width configs do)."""
+    (``config`` has importance, batch_size, max_seq_len and device, as the width configs do).
+
+    ``checkpoint``: the activation walk keeps each block's sums there and resumes after the last finished
+    block; Taylor scores (one backward pass over the whole model per batch) are computed afresh."""
     tokens = calibration.cap_length(calib, config.max_seq_len)
     if config.importance == "taylor":
         return importance.taylor_scores(model, tokens, config.batch_size)
-    return importance.activation_scores(model, tokens, config.batch_size, config.device)
+    stats = checkpoint.stats("importance") if checkpoint is not None else None
+    return importance.activation_scores(model, tokens, config.batch_size, config.device, checkpoint=stats)
 
 
 def apply_width_plan(model: nn.Module, plan: WidthPlan, scores: importance.WidthScores, per_layer: bool) -> None:
@@ -445,9 +450,12 @@ def _check_dims(model: nn.Module, fractions: dict[str, float]) -> None:
                               f"(supported: {', '.join(spec.width_dims)})")
 
 
-@register(WidthPruneConfig, needs_calibration=True)
-def prune_width(model: nn.Module, config: WidthPruneConfig, calib: torch.Tensor) -> nn.Module:
-    """Remove the least important heads, FFN channels and hidden channels of ``model`` in place."""
+@register(WidthPruneConfig, needs_calibration=True, resumable=True)
+def prune_width(model: nn.Module, config: WidthPruneConfig, calib: torch.Tensor,
+                checkpoint: calibration.WalkCheckpoint | None = None) -> nn.Module:
+    """Remove the least important heads, FFN channels and hidden channels of ``model`` in place.
+
+    ``checkpoint``: where the importance walk keeps its per-block statistics, so it resumes."""
     record = get_record(model)
     if config.per_layer and model.config.model_type not in SLM_SOURCE_TYPES:
         raise SlmkitError(f"per_layer widths need a Llama-architecture model; {model.config.model_type!r} "
@@ -466,7 +474,7 @@ def prune_width(model: nn.Module, config: WidthPruneConfig, calib: torch.Tensor)
     old_ffn = [intermediate_size(model.config, i) for i in range(num_layers)]
     if config.heads and plan.heads == [s.num_heads for s in old_heads]:
         warnings.warn(f"heads={fractions['heads']:g} rounds to removing no head; heads are unchanged", stacklevel=2)
-    scores = width_scores(model, calib, config)
+    scores = width_scores(model, calib, config, checkpoint)
     if config.per_layer:  # same totals as the uniform plan, spread by global ranking
         removed_groups = [
             (s.num_kv_heads - kv) if kv < s.num_kv_heads else (s.num_heads - h) // s.num_kv_heads
@@ -518,9 +526,12 @@ def remove_blocks(model: nn.Module, drop: list[int]) -> None:
     set_model_config(model, new_config)
 
 
-@register(DepthPruneConfig, needs_calibration=True)
-def prune_depth(model: nn.Module, config: DepthPruneConfig, calib: torch.Tensor) -> nn.Module:
-    """Drop the least important whole blocks of ``model`` in place."""
+@register(DepthPruneConfig, needs_calibration=True, resumable=True)
+def prune_depth(model: nn.Module, config: DepthPruneConfig, calib: torch.Tensor,
+                checkpoint: calibration.WalkCheckpoint | None = None) -> nn.Module:
+    """Drop the least important whole blocks of ``model`` in place.
+
+    ``checkpoint``: where the block scores are kept as they are measured, so the scoring resumes."""
     total = len(blocks(model))
     count = config.num_blocks if config.num_blocks is not None else round(config.ratio * total)
     if count >= total:
@@ -530,9 +541,11 @@ def prune_depth(model: nn.Module, config: DepthPruneConfig, calib: torch.Tensor)
         return model
     tokens = calibration.cap_length(calib, config.max_seq_len)
     if config.importance == "loss":
-        scores = importance.block_loss_effect(model, tokens[: config.loss_sequences], config.batch_size)
+        scores = importance.block_loss_effect(model, tokens[: config.loss_sequences], config.batch_size,
+                                              checkpoint=checkpoint)
     else:
-        scores = importance.block_influence(model, tokens, config.batch_size, config.device)
+        stats = checkpoint.stats("influence") if checkpoint is not None else None
+        scores = importance.block_influence(model, tokens, config.batch_size, config.device, checkpoint=stats)
     drop = sorted(torch.topk(-scores, count).indices.tolist())
     before = parameter_count(model)
     remove_blocks(model, drop)

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from slmkit._files import ensure_new
+from slmkit._files import default_modes, ensure_new
 from slmkit.errors import SlmkitError
 from slmkit.models.arch import set_module
 from slmkit.models.record import ModelRecord, attach_record, get_record
@@ -184,6 +184,7 @@ def export_compressed_tensors(model: nn.Module, path: str | os.PathLike, overwri
         tokenizer = record.tokenizer
         if tokenizer is not None:
             tokenizer.save_pretrained(temporary)
+        default_modes(temporary)
         if target.exists():
             shutil.rmtree(target)
         temporary.rename(target)

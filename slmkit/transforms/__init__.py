@@ -24,7 +24,7 @@ from slmkit.transforms.shared_ffn import design_config as _shared_design
 _DESIGNS = {SharedFFNConfig: _shared_design, LayerwiseScalingConfig: _layerwise_design}
 
 
-def transform(model, config: BaseConfig, calib=None):
+def transform(model, config: BaseConfig, calib=None, checkpoint_dir=None):
     """Apply an architecture transform to ``model`` in place and return it.
 
     Args:
@@ -32,12 +32,17 @@ def transform(model, config: BaseConfig, calib=None):
         config: ``SharedFFNConfig(...)`` or ``LayerwiseScalingConfig(...)``.
         calib: calibration token ids (num_blocks, block_len) from ``slmkit.calib_data``; ``None`` uses the
             embedded corpus's calibration split.
+        checkpoint_dir: a directory where the transform keeps its finished work (the importance walk's
+            per-block statistics; each shared-FFN group's merged weights). Calling again with the same
+            arguments on the model loaded afresh resumes an interrupted run; the same work gives the same
+            result. Refused if it holds another run's work.
 
     Example:
         >>> slmkit.transform(model, SharedFFNConfig(group_size=2, init="merge"))
         >>> slmkit.transform(model, LayerwiseScalingConfig(alpha_min=0.67, beta_min=1.0, beta_max=2.67))
+        >>> slmkit.transform(model, SharedFFNConfig(group_size=2), checkpoint_dir="out/share.work")  # resumable
     """
-    return apply_step(model, config, calib, category="transform")
+    return apply_step(model, config, calib, category="transform", checkpoint_dir=checkpoint_dir)
 
 
 def build_model(base, config: BaseConfig, seed: int = 0, dtype: torch.dtype = torch.float32):

@@ -190,14 +190,17 @@ def design_config(base_config, scaling: LayerwiseScalingConfig):
     return pruned_config(base_config, plan, per_layer=True)
 
 
-@register(LayerwiseScalingConfig, needs_calibration=True)
-def scale_layerwise(model: nn.Module, config: LayerwiseScalingConfig, calib: torch.Tensor) -> nn.Module:
-    """Prune ``model`` in place to OpenELM's per-block head and FFN schedule (activation importance)."""
+@register(LayerwiseScalingConfig, needs_calibration=True, resumable=True)
+def scale_layerwise(model: nn.Module, config: LayerwiseScalingConfig, calib: torch.Tensor,
+                    checkpoint=None) -> nn.Module:
+    """Prune ``model`` in place to OpenELM's per-block head and FFN schedule (activation importance).
+
+    ``checkpoint`` (a :class:`slmkit.calib.WalkCheckpoint`): the importance walk resumes from it."""
     require_transformable(model, "layer-wise scaling")
     plan, scale = solve_plan(model.config, config, shrink_only=True)
     before = parameter_count(model)
     own_ffn = [intermediate_size(model.config, i) for i in range(len(blocks(model)))]
-    apply_width_plan(model, plan, width_scores(model, calib, config), per_layer=True)
+    apply_width_plan(model, plan, width_scores(model, calib, config, checkpoint), per_layer=True)
     get_record(model).metrics["layerwise_scaling"] = {
         "heads": plan.heads, "kv_heads": plan.kv_heads, "ffn": plan.ffn, "beta_scale": round(scale, 6),
         "blocks_at_own_ffn_width": sum(w == own for w, own in zip(plan.ffn, own_ffn)),

@@ -192,7 +192,8 @@ def capture_ffn_inputs(model: nn.Module, tokens: torch.Tensor, config: SharedFFN
     sampler = calibration.row_sampler(config.sample_tokens, tokens.numel())
     inputs = []
     for layer in calibration.layerwise(model, tokens, config.batch_size, config.device, desc="FFN inputs"):
-        stats = calibration.observe_inputs(layer, {"mlp": get_module(layer.block, spec.gate)}, sampler)
+        stats = calibration.observe_inputs(layer, {"mlp": get_module(layer.block, spec.gate)}, sampler,
+                                           keep_outputs=True)
         inputs.append(stats["mlp"])
     return inputs
 
@@ -214,9 +215,58 @@ def design_config(base_config, config: SharedFFNConfig):
     return to_slm_config(base_config, ffn_groups=groups, ffn_correction_rank=config.rank)
 
 
-@register(SharedFFNConfig, needs_calibration=True)
-def share_ffn(model: nn.Module, config: SharedFFNConfig, calib: torch.Tensor) -> nn.Module:
-    """Make ``model``'s blocks share FFN weights in place (MobiLLaMA), initialised as ``config.init`` says."""
+PROJECTIONS = ("gate", "up", "down")
+
+
+def _group_tensors(shared: FFNWeights, corrections: list | None) -> dict[str, torch.Tensor]:
+    """A group's result as named tensors (the shared weights, then each member's (B, A) per projection)."""
+    tensors = dict(zip(PROJECTIONS, shared.tensors()))
+    for member, block in enumerate(corrections or []):
+        for projection, (b, a) in zip(PROJECTIONS, block):
+            tensors[f"{member}.{projection}.b"], tensors[f"{member}.{projection}.a"] = b, a
+    return tensors
+
+
+def _group_from_tensors(tensors: dict[str, torch.Tensor], members: int, rank: int,
+                        device: torch.device) -> tuple[FFNWeights, list | None]:
+    """Inverse of :func:`_group_tensors`."""
+    shared = FFNWeights(*(tensors[p].to(device) for p in PROJECTIONS))
+    if not rank:
+        return shared, None
+    return shared, [tuple((tensors[f"{m}.{p}.b"].to(device), tensors[f"{m}.{p}.a"].to(device)) for p in PROJECTIONS)
+                    for m in range(members)]
+
+
+def _share_group(group: int, members: list[int], own: list[FFNWeights], xs: list[torch.Tensor],
+                 ys: list[torch.Tensor], importance: list[float], act: Callable,
+                 config: SharedFFNConfig) -> tuple[dict[str, torch.Tensor], dict]:
+    """One group's shared FFN (and corrections) as named tensors, with its report entry."""
+    entry: dict = {"layers": members}
+    if config.init == "important":
+        chosen = max(members, key=lambda i: importance[i])
+        start, entry["source_layer"] = own[chosen], chosen
+    elif config.init == "average":
+        start = average_weights([own[i] for i in members])
+    else:  # merge from the member whose FFN alone serves the group best
+        candidates = {i: group_error(own[i], xs, ys, act) for i in members}
+        chosen = min(candidates, key=candidates.get)
+        start, entry["start_layer"] = own[chosen], chosen
+    corrections = [initial_corrections(start, own[i], config.rank) for i in members] if config.rank else None
+    entry["error_start"] = round(group_error(start, xs, ys, act, corrections), 6)
+    if config.init == "merge" and config.merge_steps:
+        start, corrections = merge(start, xs, ys, act, config, corrections, desc=f"merging FFN group {group}")
+    entry["error"] = round(group_error(start, xs, ys, act, corrections), 6)
+    return _group_tensors(start, corrections), entry
+
+
+@register(SharedFFNConfig, needs_calibration=True, resumable=True)
+def share_ffn(model: nn.Module, config: SharedFFNConfig, calib: torch.Tensor,
+              checkpoint: calibration.WalkCheckpoint | None = None) -> nn.Module:
+    """Make ``model``'s blocks share FFN weights in place (MobiLLaMA), initialised as ``config.init`` says.
+
+    ``checkpoint``: each group's shared FFN is kept there once made, so an interrupted run captures the
+    FFN inputs again (one forward pass per block) and makes only the groups it had not finished.
+    """
     require_transformable(model, "shared FFN")
     layers = blocks(model)
     groups = consecutive_groups(len(layers), config.group_size)
@@ -240,23 +290,11 @@ def share_ffn(model: nn.Module, config: SharedFFNConfig, calib: torch.Tensor) ->
     for group in range(max(groups) + 1):
         members = [i for i, g in enumerate(groups) if g == group]
         xs, ys = [inputs[i] for i in members], [targets[i] for i in members]
-        entry: dict = {"layers": members}
-        if config.init == "important":
-            chosen = max(members, key=lambda i: importance[i])
-            start, entry["source_layer"] = own[chosen], chosen
-        elif config.init == "average":
-            start = average_weights([own[i] for i in members])
-        else:  # merge from the member whose FFN alone serves the group best
-            candidates = {i: group_error(own[i], xs, ys, act) for i in members}
-            chosen = min(candidates, key=candidates.get)
-            start, entry["start_layer"] = own[chosen], chosen
-        group_corrections = [initial_corrections(start, own[i], config.rank) for i in members] if config.rank else None
-        entry["error_start"] = round(group_error(start, xs, ys, act, group_corrections), 6)
-        if config.init == "merge" and config.merge_steps:
-            start, group_corrections = merge(start, xs, ys, act, config, group_corrections,
-                                             desc=f"merging FFN group {group}")
-        entry["error"] = round(group_error(start, xs, ys, act, group_corrections), 6)
-        shared_weights.append(start)
+        tensors, entry = calibration.cached_tensors(
+            checkpoint, f"ffn-group-{group:04d}",
+            lambda: _share_group(group, members, own, xs, ys, importance, act, config))
+        shared, group_corrections = _group_from_tensors(tensors, len(members), config.rank, device)
+        shared_weights.append(shared)
         corrections += group_corrections or [None] * len(members)
         report.append(entry)
 

@@ -10,7 +10,7 @@ import slmkit
 from slmkit.errors import SlmkitError
 from slmkit.models.checkpoint import load_checkpoint
 from slmkit.quantize.linear import W8A8Linear
-from tests.conftest import random_tokens, tiny_model
+from tests.conftest import assert_ordinary_modes, random_tokens, tiny_model
 
 
 @pytest.fixture
@@ -60,6 +60,13 @@ def test_int8_weights_are_stored_as_int8(quantized, tmp_path):
     path = slmkit.save(quantized, tmp_path / "ckpt")
     with safe_open(str(path / "model.safetensors"), "pt") as handle:
         assert handle.get_tensor("model.layers.0.self_attn.q_proj.weight").dtype == torch.int8
+
+
+def test_a_saved_checkpoint_is_readable_as_any_file_the_user_writes(quantized, tmp_path):
+    # tempfile.mkdtemp gives 0700 and safetensors 0.8 writes 0600: other users and containers could not read it
+    path = slmkit.save(quantized, tmp_path / "ckpt")
+    assert {p.name for p in path.iterdir()} >= {"model.safetensors", "config.json"}
+    assert_ordinary_modes(path)
 
 
 def test_existing_path_is_refused_without_overwrite(quantized, tmp_path):

@@ -11,7 +11,7 @@ from slmkit.errors import SlmkitError
 from slmkit.quantize import GPTQConfig, RTNConfig, SmoothQuantConfig, quantize
 from slmkit.quantize.export import pack_int32, unpack_int32
 from slmkit.quantize.linear import WeightOnlyLinear
-from tests.conftest import random_tokens, tiny_model
+from tests.conftest import assert_ordinary_modes, random_tokens, tiny_model
 
 CALIB = random_tokens(4, 32, seed=1)
 TOKENS = random_tokens(2, 16, seed=3)
@@ -44,6 +44,7 @@ def test_export_decompresses_with_compressed_tensors_and_reloads_bit_exactly(con
 
     model = _quantized(config)
     out = slmkit.export(model, tmp_path / "ct")
+    assert_ordinary_modes(out)  # a server account must read it
     written = json.loads((out / "config.json").read_text())["quantization_config"]
     assert written["quant_method"] == "compressed-tensors" and written["quantization_status"] == "compressed"
     assert written["ignore"] == ["lm_head"]
