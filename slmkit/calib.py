@@ -479,7 +479,6 @@ def layerwise(
         block = layers[index]
         block.to(device)
         layer.at(index, block)
-        layer.outputs = None
         yield layer
         if checkpoint is not None:
             checkpoint.save_block(model, index, block)
