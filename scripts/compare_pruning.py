@@ -1,8 +1,8 @@
 """Compare pruning methods against the dense model on held-out text; print a table, write JSON + Markdown.
 
 Variants: 50% unstructured and 2:4 with magnitude, Wanda and SparseGPT; structured width pruning to 90%
-and 75% of the parameters (heads, FFN and hidden size; and FFN only; activation importance); depth pruning of 10% and
-20% of the blocks (block influence), and 20% chosen by measured loss effect. Every variant sees the same
+and 75% of the parameters (heads, FFN and hidden size; and FFN only; activation importance, and first-order Taylor
+for FFN only); depth pruning of 10% and 20% of the blocks (block influence), and 20% chosen by measured loss effect. Every variant sees the same
 calibration blocks and evaluation windows. For each: perplexity, KL and top-1 agreement against the
 dense model, parameters, bytes of the saved checkpoint's weights file, and pruning time. No healing
 (distillation) is applied: these are one-shot numbers.
@@ -42,6 +42,10 @@ VARIANTS = {
     "width-25": ("width (heads, FFN, hidden), 75% of parameters", WidthPruneConfig(param_budget=0.75, budget_dims=ALL)),
     "width-10-ffn": ("width (FFN only), 90% of parameters", WidthPruneConfig(param_budget=0.9, budget_dims=["ffn"])),
     "width-25-ffn": ("width (FFN only), 75% of parameters", WidthPruneConfig(param_budget=0.75, budget_dims=["ffn"])),
+    "width-10-ffn-taylor": ("width (FFN only), 90% of parameters, Taylor importance",
+                            WidthPruneConfig(param_budget=0.9, budget_dims=["ffn"], importance="taylor")),
+    "width-25-ffn-taylor": ("width (FFN only), 75% of parameters, Taylor importance",
+                            WidthPruneConfig(param_budget=0.75, budget_dims=["ffn"], importance="taylor")),
     "depth-10": ("depth, −10% of blocks (block influence)", DepthPruneConfig(ratio=0.1)),
     "depth-20": ("depth, −20% of blocks (block influence)", DepthPruneConfig(ratio=0.2)),
     "depth-20-loss": ("depth, −20% of blocks (loss effect)", DepthPruneConfig(ratio=0.2, importance="loss")),

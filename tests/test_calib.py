@@ -111,6 +111,16 @@ def _record_json(model):
     return json.dumps({"modules": record.modules, "metrics": record.metrics}, sort_keys=True, default=json_default)
 
 
+def _assert_same_model(resumed, straight):
+    """Bit-identical tensors, the same slmkit record (module layouts, metrics) and the same config."""
+    expected = straight.state_dict()
+    assert resumed.state_dict().keys() == expected.keys()
+    for name, tensor in resumed.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+    assert _record_json(resumed) == _record_json(straight)
+    assert resumed.config.to_dict() == straight.config.to_dict()
+
+
 @pytest.mark.parametrize("frontier", [True, False], ids=["frontier", "blocks-only"])
 @pytest.mark.parametrize("config", _walk_configs(), ids=lambda c: c.name)
 def test_an_interrupted_walk_resumes_after_its_last_finished_block_with_the_same_result(config, frontier, tmp_path,
@@ -147,11 +157,7 @@ def test_an_interrupted_walk_resumes_after_its_last_finished_block_with_the_same
     # with the hidden states after block 1 kept, blocks 0 and 1 do not even run to rebuild block 2's inputs
     assert (runs[0], runs[1]) == ((0, 0) if frontier else (1, 1))
     assert sensitivity_calls == []  # SmoothQuant's sensitivity pass is kept too
-    expected = straight.state_dict()
-    assert resumed.state_dict().keys() == expected.keys()
-    for name, tensor in resumed.state_dict().items():
-        assert torch.equal(tensor, expected[name]), name
-    assert _record_json(resumed) == _record_json(straight)
+    _assert_same_model(resumed, straight)
 
 
 def test_a_walk_directory_of_other_work_or_a_damaged_block_is_refused(tmp_path, monkeypatch):
@@ -292,12 +298,36 @@ def test_an_interrupted_measuring_step_resumes_with_the_same_result(config, tmp_
     else:
         assert measured == [2, 3]  # blocks 0 and 1: their statistics came from the directory
         assert runs == {0: 0, 1: 0, 2: 1, 3: 1}  # and block 2's inputs from the saved hidden states
-    expected = straight.state_dict()
-    assert resumed.state_dict().keys() == expected.keys()
-    for name, tensor in resumed.state_dict().items():
-        assert torch.equal(tensor, expected[name]), name
-    assert _record_json(resumed) == _record_json(straight)
-    assert resumed.config.to_dict() == straight.config.to_dict()
+    _assert_same_model(resumed, straight)
+
+
+@pytest.mark.parametrize("config_name", ["width", "layerwise_scaling"])
+def test_an_interrupted_taylor_importance_resumes_after_its_last_finished_batch(config_name, tmp_path, monkeypatch):
+    import copy
+
+    from slmkit.prune import WidthPruneConfig
+    from slmkit.transforms import LayerwiseScalingConfig
+
+    config = (WidthPruneConfig(ffn=0.5, heads=0.5, importance="taylor", batch_size=2) if config_name == "width" else
+              LayerwiseScalingConfig(alpha_min=0.5, alpha_max=1.0, beta_min=0.5, beta_max=1.5, multiple_of=16,
+                                     importance="taylor", batch_size=2))
+    calib = random_tokens(6, 32, seed=3)  # three batches
+    original = tiny_model("llama", num_hidden_layers=4)
+    straight = _apply(copy.deepcopy(original), config, calib)
+    interrupted = copy.deepcopy(original)
+    _interrupt_on_call(arch.blocks(interrupted)[0], 3)  # in the third batch's forward pass
+    with pytest.raises(KeyboardInterrupt):
+        _apply(interrupted, config, calib, tmp_path / "work")
+    assert all(p.grad is None for p in interrupted.parameters())
+    kept = sorted(p.name for p in (tmp_path / "work").glob("taylor-batch-*"))
+    assert kept == ["taylor-batch-00000.safetensors", "taylor-batch-00001.safetensors"]
+    assert_ordinary_modes(tmp_path / "work")
+
+    resumed = copy.deepcopy(original)
+    runs = _count_block_runs(resumed)
+    _apply(resumed, config, calib, tmp_path / "work")
+    assert runs[0] == 1  # the third batch's forward pass only
+    _assert_same_model(resumed, straight)
 
 
 def test_saved_statistics_of_other_work_or_damaged_ones_are_refused(tmp_path):

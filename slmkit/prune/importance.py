@@ -3,7 +3,8 @@
 - :func:`activation_scores` (Minitron, Muralidharan et al., 2024): the energy of the activations each
   structure produces or reads, from one layer-by-layer calibration pass (one block on the device).
 - :func:`taylor_scores`: first-order Taylor ``|Σ w · ∂L/∂w|`` over each structure's weights, from
-  full-model backward passes on the calibration text (needs the whole model and its gradients in memory).
+  full-model backward passes on the calibration text (needs the whole model and its gradients in memory;
+  resumable per batch).
 - :func:`block_influence` (ShortGPT, Men et al., 2024): ``1 − cos(block input, block output)``, mean over
   tokens; a block that barely changes its input matters little.
 - :func:`block_loss_effect`: how much the calibration loss rises when a block is skipped.
@@ -68,48 +69,70 @@ def _grad_out_in(module: nn.Module) -> torch.Tensor:
     return grad.t() if type(module).__name__ == "Conv1D" else grad
 
 
-def taylor_scores(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8) -> WidthScores:
+def _taylor_sums(model: nn.Module, spec) -> dict[str, torch.Tensor]:
+    """Signed ``Σ w·g`` per structure for the gradients now in ``.grad`` (float64, on the CPU):
+    ``heads-<i>`` and ``ffn-<i>`` per layer, ``hidden`` over every matrix that reads or writes it."""
+    embed = get_module(model, spec.embed)
+    hidden = (embed.weight.float() * embed.weight.grad.float()).sum(dim=0).double()
+    sums = {}
+    for index, block in enumerate(blocks(model)):
+        shape = attention_shape(model.config, index)
+        width = intermediate_size(model.config, index)
+        contrib = {name: (weight_out_in(get_module(block, name)).float() * _grad_out_in(get_module(block, name)).float())
+                   for name in spec.linear_names()}
+        q = contrib[spec.qkv][: shape.q_rows] if spec.qkv else contrib[spec.q]
+        o = contrib[spec.o]
+        sums[f"heads-{index:04d}"] = q.reshape(shape.num_heads, -1).sum(1) + o.t().reshape(shape.num_heads, -1).sum(1)
+        down = contrib[spec.down].sum(dim=0)
+        if spec.gate_up:
+            rows = contrib[spec.gate_up].sum(dim=1)
+            sums[f"ffn-{index:04d}"] = rows[:width] + rows[width:] + down
+        else:
+            sums[f"ffn-{index:04d}"] = sum(contrib[n].sum(dim=1) for n in (spec.gate, spec.up) if n) + down
+        for name, c in contrib.items():
+            hidden = hidden + (c.sum(dim=1) if name in (spec.o, spec.down) else c.sum(dim=0)).double()
+    sums["hidden"] = hidden
+    return {key: value.detach().double().cpu() for key, value in sums.items()}
+
+
+def taylor_scores(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8,
+                  checkpoint: calibration.WalkCheckpoint | None = None) -> WidthScores:
     """First-order Taylor importance ``|Σ w·g|`` per structure, ``g`` the LM-loss gradient summed over
-    the calibration batches. Runs full forward/backward passes: the whole model must fit with gradients."""
+    the calibration batches. Runs full forward/backward passes: the whole model must fit with gradients.
+
+    Each batch's signed sums per structure (``Σ w·g_batch``, float64) are added up, which equals the sum
+    over the summed gradient; ``checkpoint`` keeps each batch's sums (``taylor-batch-<i>.safetensors``), so
+    an interrupted run computes only the batches it had not finished.
+    """
     spec = get_spec(model)
     device = next(model.parameters()).device
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
     for param in model.parameters():
         param.requires_grad_(True)
-    try:
-        with torch.enable_grad():
-            for start in tqdm(range(0, tokens.shape[0], batch_size), desc="taylor importance", unit="batch"):
-                batch = tokens[start : start + batch_size].to(device)
+
+    def batch_sums(start: int) -> tuple[dict[str, torch.Tensor], dict]:
+        batch = tokens[start : start + batch_size].to(device)
+        try:
+            with torch.enable_grad():
                 model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
-        heads, ffn, hidden = [], [], 0.0
-        embed = get_module(model, spec.embed)
-        hidden = hidden + (embed.weight * embed.weight.grad).sum(dim=0)
-        for index, block in enumerate(blocks(model)):
-            shape = attention_shape(model.config, index)
-            width = intermediate_size(model.config, index)
-            contrib = {}
-            for name in spec.linear_names():
-                module = get_module(block, name)
-                contrib[name] = (weight_out_in(module).float() * _grad_out_in(module).float()).detach()
-            q = contrib[spec.qkv][: shape.q_rows] if spec.qkv else contrib[spec.q]
-            o = contrib[spec.o]
-            head = q.view(shape.num_heads, -1).sum(1) + o.t().reshape(shape.num_heads, -1).sum(1)
-            heads.append(head.abs().cpu())
-            down = contrib[spec.down].sum(dim=0)
-            if spec.gate_up:
-                rows = contrib[spec.gate_up].sum(dim=1)
-                channel = rows[:width] + rows[width:] + down
-            else:
-                channel = sum(contrib[n].sum(dim=1) for n in (spec.gate, spec.up) if n) + down
-            ffn.append(channel.abs().cpu())
-            for name in spec.linear_names():
-                hidden = hidden + (contrib[name].sum(dim=1) if name in (spec.o, spec.down) else contrib[name].sum(dim=0))
-        return WidthScores(heads, ffn, hidden.detach().abs().float().cpu())
+            return _taylor_sums(model, spec), {}
+        finally:
+            model.zero_grad(set_to_none=True)
+
+    try:
+        total: dict[str, torch.Tensor] = {}
+        starts = range(0, tokens.shape[0], batch_size)
+        for index, start in enumerate(tqdm(starts, desc="taylor importance", unit="batch")):
+            sums, _ = calibration.cached_tensors(checkpoint, f"taylor-batch-{index:05d}", lambda: batch_sums(start))
+            total = {key: total[key] + value if key in total else value for key, value in sums.items()}
     finally:
         model.zero_grad(set_to_none=True)
         for name, param in model.named_parameters():
             param.requires_grad_(flags[name])
+    layers = range(len(blocks(model)))
+    return WidthScores([total[f"heads-{i:04d}"].abs().float() for i in layers],
+                       [total[f"ffn-{i:04d}"].abs().float() for i in layers], total["hidden"].abs().float())
 
 
 def block_influence(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8,

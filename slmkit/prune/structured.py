@@ -408,10 +408,11 @@ def width_scores(model: nn.Module, calib: torch.Tensor, config,
     (``config`` has importance, batch_size, max_seq_len and device, as the width configs do).
 
     ``checkpoint``: the activation walk keeps each block's sums there and resumes after the last finished
-    block; Taylor scores (one backward pass over the whole model per batch) are computed afresh."""
+    block; Taylor importance (one backward pass over the whole model per batch) keeps each batch's sums and
+    resumes after the last finished batch."""
     tokens = calibration.cap_length(calib, config.max_seq_len)
     if config.importance == "taylor":
-        return importance.taylor_scores(model, tokens, config.batch_size)
+        return importance.taylor_scores(model, tokens, config.batch_size, checkpoint=checkpoint)
     stats = checkpoint.stats("importance") if checkpoint is not None else None
     return importance.activation_scores(model, tokens, config.batch_size, config.device, checkpoint=stats)
 

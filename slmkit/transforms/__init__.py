@@ -32,8 +32,8 @@ def transform(model, config: BaseConfig, calib=None, checkpoint_dir=None):
         config: ``SharedFFNConfig(...)`` or ``LayerwiseScalingConfig(...)``.
         calib: calibration token ids (num_blocks, block_len) from ``slmkit.calib_data``; ``None`` uses the
             embedded corpus's calibration split.
-        checkpoint_dir: a directory where the transform keeps its finished work (the importance walk's
-            per-block statistics; each shared-FFN group's merged weights). Calling again with the same
+        checkpoint_dir: a directory where the transform keeps its finished work (the importance scores
+            per block, or per batch for Taylor; each shared-FFN group's merged weights). Calling again with the same
             arguments on the model loaded afresh resumes an interrupted run; the same work gives the same
             result. Refused if it holds another run's work.
 
