@@ -30,8 +30,8 @@ def prune(model, config: BaseConfig, calib=None, checkpoint_dir=None):
             embedded corpus's calibration split for the methods that need activations.
         checkpoint_dir: a directory where the finished work is kept: Wanda and SparseGPT (which walk the
             model block by block) save each finished block; width pruning and depth pruning save each
-            block's scores (Taylor importance: each batch's). After a crash or Ctrl-C, the same call on the model
-            loaded again resumes after the last finished block, with the same result.
+            block's scores (Taylor importance: each batch's). After a crash or Ctrl-C, the same call on the
+            model loaded again resumes after the last finished block, with the same result.
 
     Example:
         >>> slmkit.prune(model, SparseGPTConfig(n_m="2:4"), calib=slmkit.calib_data(model, n=128))

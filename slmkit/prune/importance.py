@@ -2,9 +2,9 @@
 
 - :func:`activation_scores` (Minitron, Muralidharan et al., 2024): the energy of the activations each
   structure produces or reads, from one layer-by-layer calibration pass (one block on the device).
-- :func:`taylor_scores`: first-order Taylor ``|Σ w · ∂L/∂w|`` over each structure's weights, from
-  full-model backward passes on the calibration text (needs the whole model and its gradients in memory;
-  resumable per batch).
+- :func:`taylor_scores`: first-order Taylor ``Σ_n (Σ w · ∂L_n/∂w)²``, each structure's estimated loss
+  change per calibration sequence, squared and summed, from one full-model backward pass per sequence
+  (needs the whole model and its gradients in memory; resumable per batch).
 - :func:`block_influence` (ShortGPT, Men et al., 2024): ``1 − cos(block input, block output)``, mean over
   tokens; a block that barely changes its input matters little.
 - :func:`block_loss_effect`: how much the calibration loss rises when a block is skipped.
@@ -97,12 +97,17 @@ def _taylor_sums(model: nn.Module, spec) -> dict[str, torch.Tensor]:
 
 def taylor_scores(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8,
                   checkpoint: calibration.WalkCheckpoint | None = None) -> WidthScores:
-    """First-order Taylor importance ``|Σ w·g|`` per structure, ``g`` the LM-loss gradient summed over
-    the calibration batches. Runs full forward/backward passes: the whole model must fit with gradients.
+    """First-order Taylor importance per structure: ``Σ_n (Σ w·∂L_n/∂w)²``, the inner sum over the
+    structure's weights and ``L_n`` the LM loss of calibration sequence ``n``.
 
-    Each batch's signed sums per structure (``Σ w·g_batch``, float64) are added up, which equals the sum
-    over the summed gradient; ``checkpoint`` keeps each batch's sums (``taylor-batch-<i>.safetensors``), so
-    an interrupted run computes only the batches it had not finished.
+    ``Σ w·∂L_n/∂w`` is the first-order estimate of how much removing the structure changes sequence
+    ``n``'s loss; its square is summed over the sequences (Molchanov et al., 2019). Each sequence gets its
+    own backward pass: on a trained model the gradient summed over sequences nearly cancels, and ranking by
+    ``|Σ_n Σ w·∂L_n/∂w|`` instead pruned much worse (measured on SmolLM2, FFN to 90% of the parameters:
+    +100% perplexity against +27.5%). Needs the whole model and its gradients in memory.
+
+    ``checkpoint`` keeps the sums of each ``batch_size`` sequences (``taylor-batch-<i>.safetensors``), so
+    an interrupted run resumes after its last finished batch.
     """
     spec = get_spec(model)
     device = next(model.parameters()).device
@@ -112,13 +117,18 @@ def taylor_scores(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8,
         param.requires_grad_(True)
 
     def batch_sums(start: int) -> tuple[dict[str, torch.Tensor], dict]:
-        batch = tokens[start : start + batch_size].to(device)
-        try:
-            with torch.enable_grad():
-                model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
-            return _taylor_sums(model, spec), {}
-        finally:
-            model.zero_grad(set_to_none=True)
+        squares: dict[str, torch.Tensor] = {}
+        for row in range(start, min(start + batch_size, tokens.shape[0])):
+            sequence = tokens[row : row + 1].to(device)
+            try:
+                with torch.enable_grad():
+                    model(input_ids=sequence, labels=sequence, use_cache=False).loss.backward()
+                sums = _taylor_sums(model, spec)
+            finally:
+                model.zero_grad(set_to_none=True)
+            squares = {key: squares[key] + value.square() if key in squares else value.square()
+                       for key, value in sums.items()}
+        return squares, {}
 
     try:
         total: dict[str, torch.Tensor] = {}
@@ -131,8 +141,8 @@ def taylor_scores(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8,
         for name, param in model.named_parameters():
             param.requires_grad_(flags[name])
     layers = range(len(blocks(model)))
-    return WidthScores([total[f"heads-{i:04d}"].abs().float() for i in layers],
-                       [total[f"ffn-{i:04d}"].abs().float() for i in layers], total["hidden"].abs().float())
+    return WidthScores([total[f"heads-{i:04d}"].float() for i in layers],
+                       [total[f"ffn-{i:04d}"].float() for i in layers], total["hidden"].float())
 
 
 def block_influence(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8,

@@ -64,11 +64,13 @@ class WidthPruneConfig(BaseConfig):
     # perplexity at +22% where heads + FFN + hidden gave +160% (benchmarks/results/cpu).
     param_budget: float | None = None
     budget_dims: list[str] = dataclasses.field(default_factory=lambda: ["ffn"])
-    importance: str = "activation"  # "activation" (Minitron) or "taylor" (first-order, needs gradients)
+    # "activation" (Minitron) or "taylor" (first-order, one backward pass per sequence, needs gradients);
+    # activation kept more quality on SmolLM2 (benchmarks/results/cpu/smollm2-pruning-comparison.md)
+    importance: str = "activation"
     head_unit: str = "query"  # "query" (heads within GQA groups) or "group" (whole key/value groups)
     per_layer: bool = False  # rank heads / FFN channels across layers: per-layer widths (SlmForCausalLM)
     multiple_of: int = 8  # kept FFN / hidden widths are rounded to the nearest multiple of this
-    batch_size: int = 8
+    batch_size: int = 8  # sequences per forward pass (Taylor: one at a time, kept per batch)
     max_seq_len: int = 2048
     device: str | None = None
 
@@ -408,8 +410,8 @@ def width_scores(model: nn.Module, calib: torch.Tensor, config,
     (``config`` has importance, batch_size, max_seq_len and device, as the width configs do).
 
     ``checkpoint``: the activation walk keeps each block's sums there and resumes after the last finished
-    block; Taylor importance (one backward pass over the whole model per batch) keeps each batch's sums and
-    resumes after the last finished batch."""
+    block; Taylor importance (one backward pass over the whole model per sequence) keeps the sums of each
+    batch of ``batch_size`` sequences and resumes after the last finished batch."""
     tokens = calibration.cap_length(calib, config.max_seq_len)
     if config.importance == "taylor":
         return importance.taylor_scores(model, tokens, config.batch_size, checkpoint=checkpoint)

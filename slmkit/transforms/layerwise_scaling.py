@@ -52,8 +52,10 @@ class LayerwiseScalingConfig(BaseConfig):
     param_budget: float | None = None
     head_unit: str = "group"  # "group": whole key/value groups; "query": query heads within every group
     multiple_of: int = 64  # FFN widths are rounded to a multiple of this
-    importance: str = "activation"  # "activation" (Minitron) or "taylor" (first-order, needs gradients)
-    batch_size: int = 8
+    # "activation" (Minitron) or "taylor" (first-order, one backward pass per sequence, needs gradients);
+    # activation kept more quality on SmolLM2 (benchmarks/results/cpu/smollm2-pruning-comparison.md)
+    importance: str = "activation"
+    batch_size: int = 8  # sequences per forward pass (Taylor: one at a time, kept per batch)
     max_seq_len: int = 2048
     device: str | None = None
 
