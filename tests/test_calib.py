@@ -253,7 +253,8 @@ def _interrupt_on_call(module, call):
                                                           "depth-loss", "layerwise-scaling", "shared-ffn"])
 def test_an_interrupted_measuring_step_resumes_with_the_same_result(config, tmp_path, monkeypatch):
     """Importance walks resume after their last measured block (from the hidden states saved after it: no
-    block runs twice), depth by loss after its last skipped block, a shared FFN after its last merged group."""
+    block runs twice), depth by loss after its last skipped block, a shared FFN after its last merged group
+    (from the hidden states saved after that group)."""
     import copy
 
     from slmkit.transforms import shared_ffn
@@ -291,14 +292,59 @@ def test_an_interrupted_measuring_step_resumes_with_the_same_result(config, tmp_
     runs = _count_block_runs(resumed)
     _apply(resumed, config, calib, tmp_path / "work")
 
-    if config.name == "shared_ffn":
+    if config.name == "shared_ffn":  # group 0 (blocks 0, 1) is loaded; group 1's inputs are sampled again
         assert merges == ["merging FFN group 0", "merging FFN group 1", "merging FFN group 1"]
-    elif getattr(config, "importance", "") == "loss":
+    if getattr(config, "importance", "") == "loss":
         assert computed == ["loss-skip-0001", "loss-skip-0002", "loss-skip-0003"]
     else:
         assert measured == [2, 3]  # blocks 0 and 1: their statistics came from the directory
         assert runs == {0: 0, 1: 0, 2: 1, 3: 1}  # and block 2's inputs from the saved hidden states
     _assert_same_model(resumed, straight)
+
+
+def test_a_shared_ffn_interrupted_inside_a_group_samples_that_whole_group_again(tmp_path, monkeypatch):
+    """A group's FFN inputs live in memory only: stopped in block 3 (group 1's second block), the resumed
+    run starts at block 2 from the hidden states saved after group 0, whose shared FFN it loads."""
+    import copy
+
+    from slmkit.transforms import SharedFFNConfig, shared_ffn
+
+    config = SharedFFNConfig(group_size=2, init="merge", merge_steps=4, rank=2, sample_tokens=64)
+    calib = random_tokens(6, 32, seed=3)
+    original = tiny_model("llama", num_hidden_layers=4)
+    straight = _apply(copy.deepcopy(original), config, calib)
+    merges = []
+    merge = shared_ffn.merge
+    monkeypatch.setattr(shared_ffn, "merge", lambda *args, desc, **kwargs: merges.append(desc) or merge(
+        *args, desc=desc, **kwargs))
+    interrupted = copy.deepcopy(original)
+    _interrupt_on_call(arch.blocks(interrupted)[3], 1)
+    with pytest.raises(KeyboardInterrupt):
+        _apply(interrupted, config, calib, tmp_path / "work")
+    assert merges == ["merging FFN group 0"]
+
+    resumed = copy.deepcopy(original)
+    runs = _count_block_runs(resumed)
+    _apply(resumed, config, calib, tmp_path / "work")
+    assert merges == ["merging FFN group 0", "merging FFN group 1"]
+    assert runs == {0: 0, 1: 0, 2: 1, 3: 1}
+    _assert_same_model(resumed, straight)
+
+
+def test_a_shared_ffn_resume_without_a_finished_groups_weights_is_refused(tmp_path, monkeypatch):
+    import copy
+
+    from slmkit.transforms import SharedFFNConfig
+
+    config = SharedFFNConfig(group_size=2, init="average")
+    original = tiny_model("llama", num_hidden_layers=4)
+    interrupted = copy.deepcopy(original)
+    _interrupt_on_call(arch.blocks(interrupted)[3], 1)
+    with pytest.raises(KeyboardInterrupt):
+        _apply(interrupted, config, random_tokens(6, 32, seed=3), tmp_path / "work")
+    (tmp_path / "work" / "ffn-group-0000.safetensors").unlink()
+    with pytest.raises(SlmkitError, match="a finished group's shared FFN is missing; delete the directory"):
+        _apply(copy.deepcopy(original), config, random_tokens(6, 32, seed=3), tmp_path / "work")
 
 
 @pytest.mark.parametrize("config_name", ["width", "layerwise_scaling"])

@@ -33,9 +33,10 @@ def transform(model, config: BaseConfig, calib=None, checkpoint_dir=None):
         calib: calibration token ids (num_blocks, block_len) from ``slmkit.calib_data``; ``None`` uses the
             embedded corpus's calibration split.
         checkpoint_dir: a directory where the transform keeps its finished work (the importance scores
-            per block, or per batch for Taylor; each shared-FFN group's merged weights). Calling again with the same
-            arguments on the model loaded afresh resumes an interrupted run; the same work gives the same
-            result. Refused if it holds another run's work.
+            per block, or per batch for Taylor; each shared-FFN group's merged weights) and the walk's hidden
+            states after a recent block. Calling again with the same arguments on the model loaded afresh
+            resumes an interrupted run; the same work gives the same result. Refused if it holds another
+            run's work.
 
     Example:
         >>> slmkit.transform(model, SharedFFNConfig(group_size=2, init="merge"))

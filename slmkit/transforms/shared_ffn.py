@@ -52,8 +52,8 @@ class SharedFFNConfig(BaseConfig):
     init: str = "merge"  # "important", "average" or "merge" (see the module docstring)
     rank: int = 0  # rank of per-block low-rank corrections of the shared projections (0: none)
     # Calibration tokens kept per block (its FFN inputs) for scoring and merging; memory: 2 × sample_tokens
-    # × hidden × 4 bytes per block (inputs and targets). On SmolLM2 a merge fit on 4,096 tokens per block
-    # reached 0.07 relative error on them but 0.22 on other tokens: keep more.
+    # × hidden × 4 bytes per block of the group being made (inputs and targets). On SmolLM2 a merge fit on
+    # 4,096 tokens per block reached 0.07 relative error on them but 0.22 on other tokens: keep more.
     sample_tokens: int = 16384
     merge_steps: int = 300  # Adam steps of the merge (init "merge"), cosine-decayed learning rate
     merge_lr: float = 2e-3  # on SmolLM2 (pairs of blocks): 5e-5 left 0.64 error after 100 steps, 2e-3 0.07
@@ -142,7 +142,8 @@ def group_error(shared: FFNWeights, inputs: list[torch.Tensor], targets: list[to
 
 
 def merge(start: FFNWeights, inputs: list[torch.Tensor], targets: list[torch.Tensor], act: Callable,
-          config: SharedFFNConfig, corrections: list | None = None, desc: str = "merging FFNs") -> tuple[FFNWeights, list | None]:
+          config: SharedFFNConfig, corrections: list | None = None,
+          desc: str = "merging FFNs") -> tuple[FFNWeights, list | None]:
     """Adam on the shared weights (and corrections) minimising the group's mean relative output error."""
     shared = [t.clone().requires_grad_(True) for t in start.tensors()]
     deltas = None
@@ -186,16 +187,27 @@ def _block_weights(model: nn.Module, block: nn.Module, device: torch.device) -> 
                         for name in (spec.gate, spec.up, spec.down)))
 
 
-def capture_ffn_inputs(model: nn.Module, tokens: torch.Tensor, config: SharedFFNConfig) -> list[torch.Tensor]:
-    """About ``sample_tokens`` evenly strided FFN input rows (tokens, hidden) per block, float32."""
-    spec = get_spec(model)
-    sampler = calibration.row_sampler(config.sample_tokens, tokens.numel())
-    inputs = []
-    for layer in calibration.layerwise(model, tokens, config.batch_size, config.device, desc="FFN inputs"):
-        stats = calibration.observe_inputs(layer, {"mlp": get_module(layer.block, spec.gate)}, sampler,
-                                           keep_outputs=True)
-        inputs.append(stats["mlp"])
-    return inputs
+class _GroupWalk(calibration.StatsCheckpoint):
+    """The FFN-input walk's checkpoint: a block counts as finished only with its whole group.
+
+    A group's FFN inputs stay in memory (they are large: 2 × sample_tokens × hidden floats per block), so a
+    resumed walk starts at the first block of the first group whose shared FFN was not made, from the
+    hidden states saved there. Each block's importance is its saved statistic.
+    """
+
+    def __init__(self, checkpoint: calibration.WalkCheckpoint, group_ends: set[int]):
+        super().__init__(checkpoint.directory / "ffn-inputs", checkpoint.fingerprint)
+        self.group_ends = group_ends
+
+    def save_block(self, model: nn.Module, index: int, block: nn.Module) -> None:
+        """Record blocks 0..index as finished when ``index`` ends a group (its shared FFN is kept)."""
+        if index in self.group_ends:
+            super().save_block(model, index, block)
+
+    def save_frontier(self, next_index: int, hidden_states: list[torch.Tensor]) -> None:
+        """Keep the hidden states only at the start of a group, where a resumed walk starts."""
+        if next_index - 1 in self.group_ends:
+            super().save_frontier(next_index, hidden_states)
 
 
 def _check_equal_widths(model: nn.Module, groups: list[int]) -> None:
@@ -237,7 +249,7 @@ def _group_from_tensors(tensors: dict[str, torch.Tensor], members: int, rank: in
                     for m in range(members)]
 
 
-def _share_group(group: int, members: list[int], own: list[FFNWeights], xs: list[torch.Tensor],
+def _share_group(group: int, members: list[int], own: dict[int, FFNWeights], xs: list[torch.Tensor],
                  ys: list[torch.Tensor], importance: list[float], act: Callable,
                  config: SharedFFNConfig) -> tuple[dict[str, torch.Tensor], dict]:
     """One group's shared FFN (and corrections) as named tensors, with its report entry."""
@@ -264,8 +276,11 @@ def share_ffn(model: nn.Module, config: SharedFFNConfig, calib: torch.Tensor,
               checkpoint: calibration.WalkCheckpoint | None = None) -> nn.Module:
     """Make ``model``'s blocks share FFN weights in place (MobiLLaMA), initialised as ``config.init`` says.
 
-    ``checkpoint``: each group's shared FFN is kept there once made, so an interrupted run captures the
-    FFN inputs again (one forward pass per block) and makes only the groups it had not finished.
+    Walks the blocks once, group by group: a group's FFN inputs are sampled, its shared FFN made, and the
+    inputs dropped before the next group's (only one group's inputs are in memory at a time).
+    ``checkpoint``: each group's shared FFN is kept there once made, and the walk's hidden states after a
+    recent group, so an interrupted run resumes at the first group it had not finished (running only the
+    finished blocks after the saved hidden states, to rebuild that group's inputs).
     """
     require_transformable(model, "shared FFN")
     layers = blocks(model)
@@ -278,21 +293,44 @@ def share_ffn(model: nn.Module, config: SharedFFNConfig, calib: torch.Tensor,
     device = torch.device(config.device) if config.device else home.device
     act = _mlp_of(model, layers[0]).act_fn
     before = parameter_count(model)
+    spec = get_spec(model)
+    members_of = [[i for i, g in enumerate(groups) if g == group] for group in range(max(groups) + 1)]
+    walk = _GroupWalk(checkpoint, {members[-1] for members in members_of}) if checkpoint is not None else None
 
-    inputs = capture_ffn_inputs(model, calibration.cap_length(calib, config.max_seq_len), config)
-    inputs = [x.to(device) for x in inputs]
-    own = [_block_weights(model, block, device) for block in layers]
-    with torch.no_grad():
-        targets = [ffn_forward(x, w, act) for x, w in zip(inputs, own)]
-        importance = [float(y.norm(dim=1).mean()) for y in targets]
+    def kept_group(group: int, make: Callable[[], tuple[dict, dict]]) -> tuple[dict[str, torch.Tensor], dict]:
+        return calibration.cached_tensors(checkpoint, f"ffn-group-{group:04d}", make)
+
+    def missing() -> tuple[dict, dict]:
+        raise SlmkitError(f"{checkpoint.directory}: a finished group's shared FFN is missing; delete the "
+                          f"directory to start the transform over")
+
+    done = walk.completed() if walk is not None else 0
+    importance = [float(walk.load_stats(i)["importance"]) for i in range(done)]
+    results = [kept_group(group, missing) for group in range(groups[done - 1] + 1)] if done else []
+
+    tokens = calibration.cap_length(calib, config.max_seq_len)
+    sampler = calibration.row_sampler(config.sample_tokens, tokens.numel())
+    inputs, targets, own = {}, {}, {}  # of the blocks of the group being made
+    for layer in calibration.layerwise(model, tokens, config.batch_size, config.device, desc="FFN inputs",
+                                       checkpoint=walk):
+        index, group = layer.index, groups[layer.index]
+        x = calibration.observe_inputs(layer, {"mlp": get_module(layer.block, spec.gate)}, sampler,
+                                       keep_outputs=True)["mlp"].to(device)
+        own[index] = _block_weights(model, layer.block, device)
+        with torch.no_grad():
+            inputs[index], targets[index] = x, ffn_forward(x, own[index], act)
+        importance.append(float(targets[index].norm(dim=1).mean()))
+        if walk is not None:
+            walk.save_stats(index, {"importance": torch.tensor(importance[index], dtype=torch.float64)})
+        members = members_of[group]
+        if index == members[-1]:
+            xs, ys = [inputs.pop(i) for i in members], [targets.pop(i) for i in members]
+            results.append(kept_group(group, lambda: _share_group(group, members, own, xs, ys, importance, act,
+                                                                  config)))
+            own.clear()
 
     shared_weights, corrections, report = [], [], []
-    for group in range(max(groups) + 1):
-        members = [i for i, g in enumerate(groups) if g == group]
-        xs, ys = [inputs[i] for i in members], [targets[i] for i in members]
-        tensors, entry = calibration.cached_tensors(
-            checkpoint, f"ffn-group-{group:04d}",
-            lambda: _share_group(group, members, own, xs, ys, importance, act, config))
+    for members, (tensors, entry) in zip(members_of, results):
         shared, group_corrections = _group_from_tensors(tensors, len(members), config.rank, device)
         shared_weights.append(shared)
         corrections += group_corrections or [None] * len(members)
