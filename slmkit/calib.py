@@ -37,6 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from slmkit._files import save_tensors_atomic, write_text_atomic
+from slmkit._processes import is_main_process, wait_for_everyone
 from slmkit.errors import SlmkitError
 from slmkit.models.arch import blocks, get_spec
 from slmkit.models.record import get_record
@@ -188,6 +189,9 @@ class WalkCheckpoint:
     Resume with the model as it was before the interrupted call (loaded again, or the recipe's last step
     checkpoint): the saved blocks replace blocks 0..k-1, the walk redoes block k onwards.
 
+    In a multi-process run (``accelerate launch``, ``torchrun``) every process walks the same blocks to the
+    same result: only the main process (``writer``) writes, every process reads what it wrote on resume.
+
     Example (what ``slmkit.quantize(model, config, calib=calib, checkpoint_dir="out/gptq.blocks")`` does):
         >>> checkpoint = WalkCheckpoint.for_step("out/gptq.blocks", model, config, calib)
         >>> for layer in layerwise(model, calib, checkpoint=checkpoint):
@@ -197,9 +201,10 @@ class WalkCheckpoint:
     STATE = "state.json"
     FRONTIER = "frontier.safetensors"
 
-    def __init__(self, directory: str | os.PathLike, fingerprint: str):
+    def __init__(self, directory: str | os.PathLike, fingerprint: str, writer: bool | None = None):
         self.directory = Path(directory).expanduser()
         self.fingerprint = fingerprint
+        self.writer = is_main_process() if writer is None else writer  # whether this process writes files
         self._frontier_saved_at: float | None = None  # perf_counter() after the last frontier write
         self._frontier_write_s = 0.0
 
@@ -243,6 +248,8 @@ class WalkCheckpoint:
         """Save finished block ``index`` (tensors + module layouts), then record it as finished."""
         from slmkit.models.checkpoint import json_default
 
+        if not self.writer:
+            return
         record = get_record(model)
         prefix = f"{get_spec(model).layers}.{index}."
         modules = {path: layout for path, layout in record.modules.items() if path.startswith(prefix)}
@@ -265,7 +272,7 @@ class WalkCheckpoint:
 
     def save_frontier(self, next_index: int, hidden_states: list[torch.Tensor]) -> None:
         """Keep ``hidden_states`` (block ``next_index``'s inputs, one tensor per batch) when it is due."""
-        if not self._frontier_due():
+        if not self.writer or not self._frontier_due():
             return
         start = time.perf_counter()
         tensors = {f"batch-{i:05d}": h.detach().cpu().contiguous() for i, h in enumerate(hidden_states)}
@@ -293,7 +300,7 @@ class WalkCheckpoint:
 
     def stats(self, name: str) -> "StatsCheckpoint":
         """A :class:`StatsCheckpoint` for a measuring walk of this work, in the subdirectory ``name``."""
-        return StatsCheckpoint(self.directory / name, self.fingerprint)
+        return StatsCheckpoint(self.directory / name, self.fingerprint, self.writer)
 
     def load_block(self, model: nn.Module, index: int, block: nn.Module) -> None:
         """Put saved block ``index`` into ``block`` (in place): its replaced modules, then its tensors."""
@@ -331,6 +338,8 @@ class StatsCheckpoint(WalkCheckpoint):
 
     def save_block(self, model: nn.Module, index: int, block: nn.Module) -> None:
         """Record block ``index`` as finished (its statistics are saved already, by :meth:`save_stats`)."""
+        if not self.writer:
+            return
         if not self._stats_file(index).is_file():
             raise SlmkitError(f"{self._stats_file(index)}: block {index}'s statistics were not saved")
         self._save_state(model, index)
@@ -340,6 +349,8 @@ class StatsCheckpoint(WalkCheckpoint):
 
     def save_stats(self, index: int, stats: dict[str, torch.Tensor]) -> None:
         """Save block ``index``'s statistics (before the walk records the block as finished)."""
+        if not self.writer:
+            return
         tensors = {name: t.detach().cpu().contiguous().clone() for name, t in stats.items()}
         save_tensors_atomic(self._stats_file(index), tensors, {"fingerprint": self.fingerprint})
 
@@ -378,7 +389,8 @@ def _kept(checkpoint: WalkCheckpoint | None, file_name: str, compute: Callable[[
         checkpoint.check_fingerprint(fingerprint)
         return value
     value = compute()
-    store(file, value)
+    if checkpoint.writer:
+        store(file, value)
     return value
 
 
@@ -475,6 +487,8 @@ def layerwise(
             if device != home:
                 block.to(home)
         checkpoint.restore_metrics(model)
+    if checkpoint is not None:
+        wait_for_everyone()  # the main process writes again only once every process has read what it needs
     for index in tqdm(range(done, len(layers)), desc=desc, unit="block", initial=done, total=len(layers)):
         block = layers[index]
         block.to(device)

@@ -38,6 +38,7 @@ import torch
 import yaml
 
 from slmkit._files import ensure_new, save_tensors_atomic, write_text_atomic
+from slmkit._processes import is_main_process, process_state, wait_for_everyone
 from slmkit.config import BaseConfig, ConfigError, StepContext, apply_step, config_from_step, lookup
 from slmkit.data import DataConfig, calibration_blocks, load_calibration_texts, load_texts
 from slmkit.errors import SlmkitError
@@ -254,22 +255,9 @@ def _calibration(model, recipe: Recipe, texts: dict[str, list[str]] | None, part
         except Exception as error:  # truncated or foreign file: make the blocks again
             print(f"slmkit: {file} unreadable ({str(error).splitlines()[0][:120]}); making the calibration again")
     calib = calibration_blocks(model, recipe.calibration, texts)
-    if file is not None and _is_main_process():
+    if file is not None and is_main_process():
         save_tensors_atomic(file, {"tokens": calib.contiguous()})
     return calib
-
-
-def _is_main_process() -> bool:
-    """False in the other processes of an ``accelerate launch`` run (only the main one writes files)."""
-    from accelerate import PartialState
-
-    return PartialState().is_main_process
-
-
-def _wait_for_everyone() -> None:
-    from accelerate import PartialState
-
-    PartialState().wait_for_everyone()
 
 
 def _check_texts(recipe: Recipe) -> dict[str, list[str]] | None:
@@ -307,10 +295,9 @@ def run_recipe(recipe: Recipe | str | os.PathLike, output: str | os.PathLike | N
         recipe = Recipe.from_file(recipe)
     if model is not None:
         recipe = dataclasses.replace(recipe, model=model)
-    from accelerate import PartialState
-
-    if PartialState().num_processes > 1 and device != "cpu":
-        device = str(PartialState().device)  # under `accelerate launch`: this process's GPU
+    processes = process_state(cpu=device == "cpu")
+    if processes.num_processes > 1 and device != "cpu":
+        device = str(processes.device)  # under `accelerate launch`: this process's GPU
     output = ensure_new(output, overwrite) if output is not None else None
     partial = partial_dir(output) if output is not None else None
     done = _resume_point(partial, recipe, overwrite) if partial is not None else 0
@@ -330,24 +317,23 @@ def run_recipe(recipe: Recipe | str | os.PathLike, output: str | os.PathLike | N
         if index < done:
             continue
         start = time.perf_counter()
-        if partial is not None and not (partial / "state.json").is_file() and _is_main_process():
+        if partial is not None and not (partial / "state.json").is_file() and is_main_process():
             _write_state(partial, recipe, 0)  # so a run interrupted inside this step is recognised
         if lookup(step).needs_calibration and calib is None:
             calib = _calibration(current, recipe, calib_texts, partial)
         print(f"slmkit: step {index + 1}/{len(recipe.steps)}: {step.name} {json.dumps(step.to_dict())}")
         # a step with its own resumable state (distillation, a layer-by-layer walk's finished blocks) keeps
-        # it under the partial directory; the processes of a multi-process run would share one walk directory,
-        # so there each walks afresh
+        # it under the partial directory (in a multi-process run the main process writes it, all read it)
         work_dir = partial / f"step-{index + 1}-{step.name}" if partial is not None else None
-        walk_dir = work_dir if PartialState().num_processes == 1 else None
-        apply_step(current, step, calib, context=StepContext(recipe.model, work_dir, device), checkpoint_dir=walk_dir)
+        apply_step(current, step, calib, context=StepContext(recipe.model, work_dir, device), checkpoint_dir=work_dir)
         seconds[f"step {index + 1} {step.name}"] = time.perf_counter() - start
-        if partial is not None and _is_main_process():  # the last step too: the evaluation can be long
+        wait_for_everyone()  # no process still reads the step's files when the main one removes them
+        if partial is not None and is_main_process():  # the last step too: the evaluation can be long
             save(current, partial / "checkpoint", overwrite=True)
             _write_state(partial, recipe, index + 1)
             if work_dir is not None and work_dir.exists():
                 shutil.rmtree(work_dir)  # the step's result is in the checkpoint now
-        _wait_for_everyone()
+        wait_for_everyone()
 
     report = None
     if recipe.evaluation is not None:
@@ -358,11 +344,11 @@ def run_recipe(recipe: Recipe | str | os.PathLike, output: str | os.PathLike | N
         seconds["evaluate"] = time.perf_counter() - start
     get_record(current).metrics["recipe"] = recipe.to_dict()
     get_record(current).metrics["seconds"] = seconds
-    if output is not None and _is_main_process():
+    if output is not None and is_main_process():
         start = time.perf_counter()
         save(current, output, overwrite=overwrite)
         seconds["save"] = time.perf_counter() - start
         if partial.exists():
             shutil.rmtree(partial)
-    _wait_for_everyone()
+    wait_for_everyone()
     return RecipeResult(current, output, report, seconds)

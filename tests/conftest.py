@@ -68,6 +68,23 @@ def assert_ordinary_modes(directory):
         assert file.stat().st_mode & 0o777 == (0o777 if file.is_dir() else 0o666) & ~mask, file.name
 
 
+def torchrun(worker, args: list, port: int, fails: bool = False) -> None:
+    """Run ``worker`` (a script) under ``torchrun --nproc_per_node 2`` on the CPU (gloo), one thread per
+    process; assert it fails exactly when ``fails`` (the stderr tail is the assertion message)."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    runner = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    if runner is None:
+        pytest.fail("torchrun (installed with torch) not found")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([runner, "--nproc_per_node", "2", "--master_port", str(port), str(worker),
+                             *map(str, args)], env=env, capture_output=True, text=True, timeout=600)
+    assert (result.returncode != 0) == fails, result.stderr[-3000:]
+
+
 def random_tokens(batch: int, length: int, vocab_size: int = 256, seed: int = 0) -> torch.Tensor:
     """Random token ids (batch, length)."""
     return torch.randint(0, vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))

@@ -245,6 +245,40 @@ def test_a_run_interrupted_inside_its_first_walk_resumes_after_the_last_finished
         run_recipe(other, output=tmp_path / "out2")
 
 
+def test_two_processes_resume_a_walk_from_the_blocks_the_main_process_saved(tiny_dir, tmp_path):
+    """Under torchrun / ``accelerate launch`` every process walks the blocks; only the main one writes them,
+    and every process resumes from them."""
+    import hashlib
+    from pathlib import Path
+
+    from tests.conftest import torchrun
+
+    model_dir, text = tiny_dir
+    data = {**_recipe(model_dir, text, [{"gptq": {"group_size": 16}}]), "evaluation": None}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(data))
+    straight = run_recipe(Recipe.from_dict(data)).model.state_dict()
+    worker = Path(__file__).with_name("recipes_worker.py")
+    run = tmp_path / "run"
+    run.mkdir()
+
+    def ranks():
+        return [json.loads((run / f"rank{rank}.json").read_text()) for rank in range(2)]
+
+    torchrun(worker, [run, tmp_path / "recipe.yaml", "crash"], 29571, fails=True)
+    crashed = ranks()
+    assert crashed[1]["writes"] == []  # only the main process writes the walk's files
+    assert {"block-0000.safetensors", "state.json", "frontier.safetensors"} <= set(crashed[0]["writes"])
+    assert [p.name for p in (run / "out.partial" / "step-1-gptq").glob("block-*")] == ["block-0000.safetensors"]
+
+    torchrun(worker, [run, tmp_path / "recipe.yaml", "resume"], 29572)
+    resumed = ranks()
+    assert [r["walked"] for r in resumed] == [[1], [1]]  # block 0 came from the main process's file
+    assert resumed[1]["writes"] == [] and "block-0001.safetensors" in resumed[0]["writes"]
+    expected = hashlib.sha256(b"".join(t.numpy().tobytes() for t in straight.values())).hexdigest()
+    assert [r["digest"] for r in resumed] == [expected, expected]
+    assert (run / "out" / "model.safetensors").is_file() and not (run / "out.partial").exists()
+
+
 def test_a_run_interrupted_in_its_final_evaluation_does_not_redo_its_steps(tiny_dir, tmp_path, monkeypatch):
     import slmkit.recipes
 

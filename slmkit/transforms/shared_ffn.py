@@ -196,7 +196,7 @@ class _GroupWalk(calibration.StatsCheckpoint):
     """
 
     def __init__(self, checkpoint: calibration.WalkCheckpoint, group_ends: set[int]):
-        super().__init__(checkpoint.directory / "ffn-inputs", checkpoint.fingerprint)
+        super().__init__(checkpoint.directory / "ffn-inputs", checkpoint.fingerprint, checkpoint.writer)
         self.group_ends = group_ends
 
     def save_block(self, model: nn.Module, index: int, block: nn.Module) -> None:
