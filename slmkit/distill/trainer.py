@@ -306,6 +306,7 @@ class DistillTrainer:
             root.mkdir(parents=True, exist_ok=True)
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(tmp))
+        self.accelerator.wait_for_everyone()  # every process has written its part (its RNG states, its shards)
         if self.accelerator.is_main_process:
             state = {"step": self.step, "tokens": self.tokens, "train_seconds": self.train_seconds,
                      "evals": self.evals, "teacher_perplexity": self.teacher_perplexity,
