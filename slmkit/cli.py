@@ -207,7 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "  slmkit run recipes/smollm2-shared-ffn.yaml    # blocks share FFNs, then distill\n"
                          "  slmkit run recipes/smollm2-openelm.yaml       # OpenELM layer-wise widths, then distill\n"
                          "  accelerate launch --config_file recipes/accelerate/ddp.yaml -m slmkit.cli run "
-                         "recipes/smollm2-ffn25-distill.yaml --device cuda")
+                         "recipes/smollm2-ffn25-distill.yaml --device cuda\n"
+                         "  accelerate launch --config_file recipes/accelerate/fsdp.yaml -m slmkit.cli run "
+                         "recipes/smollm2-ffn25-distill.yaml --device cuda   # sharded student (FSDP2)")
     run.add_argument("recipe", help="YAML recipe file")
     run.add_argument("--output", "-o", help="checkpoint directory to write (default: out/<recipe name>)")
     run.add_argument("--overwrite", action="store_true", help="replace an existing output / JSON file")

@@ -13,11 +13,17 @@ Checkpoints are written to ``checkpoints/.tmp-step-N`` and renamed when complete
 during a save leaves the previous checkpoint intact. Ctrl-C (single process) saves the last finished
 step before stopping. ``resume=True`` restores weights, optimizer, scheduler, RNG states and the data
 position, and continues as if never stopped: the resumed run's weights equal an uninterrupted run's.
+
+Launched with FSDP (``accelerate launch --config_file recipes/accelerate/fsdp.yaml``, FSDP2), each process
+holds a shard of a copy of the student's weights and of its optimizer state, and checkpoints are sharded
+(one file set per process); at the end every process copies the full trained weights into the caller's
+student, which waits on the CPU meanwhile. The teacher is not sharded (one whole copy per device).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import math
@@ -32,6 +38,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from slmkit._processes import process_state
 from slmkit.distill import losses
 from slmkit.distill.config import DistillConfig
 from slmkit.errors import SlmkitError
@@ -55,6 +62,8 @@ class DistillModule(nn.Module):
     def __init__(self, student: nn.Module, layer_pairs: list[tuple[int, int]], teacher_width: int):
         super().__init__()
         self.student = student
+        # FSDP's transformer auto-wrap shards each block on its own: it reads the block classes here
+        self._no_split_modules = getattr(student, "_no_split_modules", None)
         self.layer_pairs = layer_pairs
         width = student.config.hidden_size
         project = bool(layer_pairs) and width != teacher_width
@@ -124,15 +133,17 @@ def layer_pairs(student: nn.Module, teacher: nn.Module, config: DistillConfig) -
     return [(s, t) for s, t in config.hidden_layers]
 
 
-def sparsity_masks(model: nn.Module) -> list[tuple[nn.Parameter, torch.Tensor]]:
-    """(weight, mask) pairs (mask True = keep) of the 2-D weights that pruning left with ≥ 10 % exact zeros."""
-    masks = []
-    for parameter in model.parameters():
-        if parameter.dim() == 2 and parameter.is_floating_point():
-            keep = parameter.detach() != 0
-            if 1 - keep.float().mean().item() >= SPARSE_THRESHOLD:
-                masks.append((parameter, keep))
-    return masks
+def pruned_weights(model: nn.Module) -> set[str]:
+    """Names of the 2-D float weights that pruning left with ≥ 10 % exact zeros (kept zero in training)."""
+    return {name for name, parameter in model.named_parameters()
+            if parameter.dim() == 2 and parameter.is_floating_point()
+            and (parameter.detach() == 0).float().mean().item() >= SPARSE_THRESHOLD}
+
+
+def sparsity_masks(model: nn.Module, names: set[str]) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """(weight, mask) pairs (mask True = keep) of the parameters ``names`` of ``model``, as they are now
+    (after ``accelerator.prepare``: under FSDP each mask is sharded like its weight)."""
+    return [(parameter, parameter.detach() != 0) for name, parameter in model.named_parameters() if name in names]
 
 
 def _set_activation_checkpointing(model: nn.Module, enabled: bool) -> None:
@@ -183,7 +194,7 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
 
 
 def _new_accelerator(config: DistillConfig, device: str | None, output_dir: Path | None):
-    from accelerate import Accelerator, PartialState
+    from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import DataLoaderConfiguration, is_tensorboard_available
 
@@ -191,7 +202,7 @@ def _new_accelerator(config: DistillConfig, device: str | None, output_dir: Path
     precision = config.mixed_precision
     if precision == "auto":
         precision = "bf16" if not use_cpu and torch.cuda.is_bf16_supported() else "no"
-    if PartialState().num_processes == 1:
+    if process_state(cpu=use_cpu).num_processes == 1:
         # One process may run several trainings with different settings (a notebook, a test session);
         # accelerate keeps its settings process-wide, so start each training from a clean state.
         AcceleratorState._reset_state(reset_partial_state=True)
@@ -220,6 +231,27 @@ def _optimizer(module: nn.Module, config: DistillConfig) -> torch.optim.Optimize
     return torch.optim.AdamW(groups, lr=config.learning_rate)
 
 
+def _check_distributed(accelerator, student: nn.Module, config: DistillConfig) -> None:
+    """Refuse, before any work, a launch configuration the trainer cannot run."""
+    from slmkit.models.modeling import shares_ffn
+
+    kind = accelerator.distributed_type.name
+    if kind in ("DEEPSPEED", "MEGATRON_LM"):
+        raise SlmkitError(f"slmkit.distill does not support {kind}; launch with DDP or FSDP2 "
+                          "(recipes/accelerate/ddp.yaml, recipes/accelerate/fsdp.yaml)")
+    if kind != "FSDP":
+        return
+    if not accelerator.is_fsdp2:
+        raise SlmkitError("slmkit.distill shards with FSDP2 only; set fsdp_version: 2 in the accelerate config "
+                          "(as recipes/accelerate/fsdp.yaml does)")
+    if shares_ffn(student):
+        raise SlmkitError("a student whose blocks share FFN weights cannot be sharded block by block; "
+                          "launch with DDP (recipes/accelerate/ddp.yaml)")
+    if config.optimizer == "adamw_8bit":
+        raise SlmkitError("optimizer 'adamw_8bit' (bitsandbytes) does not take FSDP's sharded parameters; use "
+                          "optimizer: adamw, or launch with DDP")
+
+
 class DistillTrainer:
     """One distillation run; ``train()`` does it. Built by :func:`slmkit.distill`, which checks the inputs."""
 
@@ -231,11 +263,8 @@ class DistillTrainer:
 
         self.config, self.output_dir, self.student = config, output_dir, student
         self.accelerator = _new_accelerator(config, device, output_dir)
-        if self.accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-            # Not built yet: sharded parameters need a gather into the caller's (in-place) student at the
-            # end, sharded sparsity masks and sharded checkpoints, and none of it could be tested without GPUs.
-            raise SlmkitError(f"slmkit.distill does not support {self.accelerator.distributed_type.name} yet; "
-                              "launch with data parallelism instead (recipes/accelerate/ddp.yaml)")
+        self.sharded = self.accelerator.distributed_type.name == "FSDP"
+        _check_distributed(self.accelerator, student, config)
         if train_blocks.shape[0] < config.micro_batch_size * self.accelerator.num_processes:
             raise SlmkitError(f"too little training data: {train_blocks.shape[0]} blocks make no batch of "
                               f"{config.micro_batch_size} per process; add data or lower micro_batch_size")
@@ -246,12 +275,17 @@ class DistillTrainer:
             for param in student.parameters():
                 param.requires_grad_(param.is_floating_point())
         self.pairs = layer_pairs(student, teacher, config)
-        if config.gradient_checkpointing:
-            _set_activation_checkpointing(student, True)
         self.fingerprint = {"config": config.training_fingerprint(), "data": _tensor_digest(train_blocks),
                             "data_shape": list(train_blocks.shape),
                             "student_parameters": sum(p.numel() for p in student.parameters())}
-        module = DistillModule(student, self.pairs, teacher.config.hidden_size)
+        self.home = next(student.parameters()).device
+        # FSDP replaces the parameters of the module it shards: it trains a copy, and the caller's student
+        # (on the CPU meanwhile) gets the trained weights at the end
+        trained = copy.deepcopy(student.to("cpu")) if self.sharded else student
+        if config.gradient_checkpointing:
+            _set_activation_checkpointing(trained, True)
+        module = DistillModule(trained, self.pairs, teacher.config.hidden_size)
+        pruned = {f"student.{name}" for name in pruned_weights(student)} if config.keep_sparsity else set()
         optimizer = _optimizer(module, config)
         self.scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
         loader = DataLoader(TensorDataset(train_blocks), batch_size=config.micro_batch_size, shuffle=True,
@@ -269,8 +303,8 @@ class DistillTrainer:
         self.saved_step = -1
         self.step_rng_states: dict[str, Any] | None = None
         self.teacher_perplexity: float | None = None
-        # after prepare: the weights are on the training device (DDP keeps the same parameter objects)
-        self.masks = sparsity_masks(student) if config.keep_sparsity else []
+        # after prepare: the weights are on the training device (and sharded, under FSDP)
+        self.masks = sparsity_masks(self.accelerator.unwrap_model(self.module), pruned)
 
     # --- checkpoints and logs -------------------------------------------------------------------
     def resume(self) -> None:
@@ -405,13 +439,27 @@ class DistillTrainer:
         student.eval()
         generation = GenerationConfig(do_sample=True, max_new_tokens=config.max_new_tokens, temperature=1.0,
                                       top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=0)
-        with self.accelerator.autocast():
+        with self.accelerator.autocast(), self._whole_root():
             sequences = student.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts),
                                          generation_config=generation)
         student.train()
         mask = torch.zeros_like(sequences, dtype=torch.bool)
         mask[:, config.prompt_len - 1 : -1] = True  # (B, T): positions whose next token was sampled
         return sequences, mask
+
+    @contextlib.contextmanager
+    def _whole_root(self):
+        """Under FSDP, the weights that no block holds (embeddings, final norm, projections) gathered whole.
+
+        ``generate`` calls the student, not the sharded root module whose forward would gather them."""
+        if not self.sharded:
+            yield
+            return
+        self.module.unshard()
+        try:
+            yield
+        finally:
+            self.module.reshard()
 
     def _micro_batch_loss(self, batch: torch.Tensor, on_policy: bool) -> dict[str, torch.Tensor]:
         config = self.config
@@ -520,12 +568,29 @@ class DistillTrainer:
             if self.accelerator.log_with:
                 self.accelerator.end_training()
         self.module.eval()
-        if config.gradient_checkpointing:
+        if self.sharded:
+            self._gather_into_student()
+        elif config.gradient_checkpointing:
             _set_activation_checkpointing(self.student, False)
+
+    def _gather_into_student(self) -> None:
+        """Copy the trained (sharded) weights, whole, into the caller's student, and put it back on its device."""
+        from torch.distributed.tensor import DTensor
+
+        trained = dict(self.accelerator.unwrap_model(self.module).student.named_parameters())
+        targets = dict(self.student.named_parameters())
+        if trained.keys() != targets.keys():
+            raise SlmkitError("FSDP changed the student's parameter names; cannot copy the trained weights back")
+        with torch.no_grad():
+            for name, parameter in trained.items():  # one whole weight at a time: no full copy of the model
+                whole = parameter.full_tensor() if isinstance(parameter, DTensor) else parameter
+                targets[name].copy_(whole.to(targets[name].dtype))
+        self.student.to(self.home)
 
     def summary(self) -> dict[str, Any]:
         """What the run did and measured (stored in the student's record, hence its checkpoint manifest)."""
         return {"steps": self.step, "tokens": self.tokens, "train_seconds": round(self.train_seconds, 2),
                 "tokens_per_s": round(self.tokens / self.train_seconds, 1) if self.train_seconds else math.nan,
                 "device": self.accelerator.device.type, "processes": self.accelerator.num_processes,
+                "distributed": self.accelerator.distributed_type.name,
                 "mixed_precision": self.accelerator.mixed_precision, "evals": self.evals}

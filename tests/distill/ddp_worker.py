@@ -1,4 +1,9 @@
-"""Run by test_ddp.py under ``torchrun --nproc_per_node 2``: one tiny distillation, results to a JSON file."""
+"""Run by test_ddp.py under ``torchrun --nproc_per_node 2``: one tiny distillation, results to a JSON file.
+
+Arguments: output directory, mode ("start", "crash": every process fails in step 3, "resume"), steps, and
+the parallelism: "ddp" or "fsdp" (FSDP2). The student is pruned to 50%, so its sparsity masks are kept (and,
+under FSDP, sharded) too.
+"""
 
 import hashlib
 import json
@@ -7,17 +12,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[2]))
 
+import torch  # noqa: E402
+
 import slmkit  # noqa: E402
 from accelerate import PartialState  # noqa: E402
 from slmkit import DistillConfig  # noqa: E402
+from slmkit.distill import trainer  # noqa: E402
 from tests.distill.test_trainer import RESUME, _data, _pair  # noqa: E402
 
-output, mode, steps = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+output, mode, steps, parallel = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
 resume = mode == "resume"
-state = PartialState()
+state = PartialState(cpu=True)
 if mode == "crash":  # every process fails in step 3, after the step-2 checkpoint
-    from slmkit.distill import trainer
-
     original = trainer.DistillTrainer._micro_batch_loss
 
     def crashing(self, batch, on_policy):
@@ -26,12 +32,33 @@ if mode == "crash":  # every process fails in step 3, after the step-2 checkpoin
         return original(self, batch, on_policy)
 
     trainer.DistillTrainer._micro_batch_loss = crashing
+if parallel == "fsdp":
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    new_accelerator = trainer._new_accelerator
+
+    def fsdp_accelerator(config, device, output_dir):
+        # accelerate turns FSDP on for GPUs only; here its FSDP2 path is forced on two CPU processes (gloo),
+        # so the trainer's sharded path (sharding, sharded masks and checkpoints, the final gather) runs in CI
+        accelerator = new_accelerator(config, device, output_dir)
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=2, auto_wrap_policy="transformer_based_wrap", state_dict_type="SHARDED_STATE_DICT")
+        return accelerator
+
+    trainer._new_accelerator = fsdp_accelerator
 student, teacher = _pair()
+slmkit.prune(student, slmkit.MagnitudePruneConfig(sparsity=0.5))
+zeros = {name: p == 0 for name, p in student.named_parameters() if p.dim() == 2 and (p == 0).float().mean() > 0.4}
 data, eval_data = _data()
 config = DistillConfig(**{**RESUME, "steps": steps})
 slmkit.distill(student, teacher, config, data, eval_data, output_dir=output / "run", resume=resume, device="cpu")
-digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in student.parameters())).hexdigest()
+parameters = dict(student.named_parameters())
+digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in parameters.values())).hexdigest()
 summary = student.slmkit.metrics["distill"]
 (output / f"rank{state.process_index}.json").write_text(json.dumps(
     {"digest": digest, "processes": summary["processes"], "tokens": summary["tokens"],
-     "kl": [e["kl"] for e in summary["evals"]]}))
+     "distributed": summary["distributed"], "kl": [e["kl"] for e in summary["evals"]],
+     "plain": all(type(p) is torch.nn.Parameter for p in parameters.values()),  # not sharded DTensors
+     "zeros": len(zeros), "zeros_kept": all(bool((parameters[n][z] == 0).all()) for n, z in zeros.items())}))

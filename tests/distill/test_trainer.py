@@ -254,6 +254,23 @@ def test_errors_before_training(tmp_path):
                        data, eval_data)
 
 
+@pytest.mark.parametrize("kind, fsdp2, student, fields, message", [
+    ("DEEPSPEED", False, None, {}, "does not support DEEPSPEED; launch with DDP or FSDP2"),
+    ("FSDP", False, None, {}, "FSDP2 only; set fsdp_version: 2"),
+    ("FSDP", True, "shared", {}, "share FFN weights cannot be sharded"),
+    ("FSDP", True, None, {"optimizer": "adamw_8bit"}, "adamw_8bit.*use optimizer: adamw"),
+], ids=["deepspeed", "fsdp1", "shared-ffn", "adamw-8bit"])
+def test_launch_configurations_the_trainer_cannot_run_are_refused(kind, fsdp2, student, fields, message):
+    from types import SimpleNamespace
+
+    accelerator = SimpleNamespace(distributed_type=SimpleNamespace(name=kind), is_fsdp2=fsdp2)
+    model = SimpleNamespace(config=SimpleNamespace(ffn_groups=[0, 0])) if student == "shared" else tiny_model("llama")
+    with pytest.raises(SlmkitError, match=message):
+        trainer._check_distributed(accelerator, model, DistillConfig(**{**FAST, **fields}))
+    trainer._check_distributed(SimpleNamespace(distributed_type=SimpleNamespace(name="MULTI_GPU"), is_fsdp2=False),
+                               model, DistillConfig(**{**FAST, **fields}))  # data parallelism takes any of them
+
+
 def test_existing_run_is_not_overwritten(tmp_path):
     student, teacher = _pair()
     data, eval_data = _data()
