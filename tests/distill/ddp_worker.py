@@ -1,8 +1,9 @@
 """Run by test_ddp.py under ``torchrun --nproc_per_node 2``: one tiny distillation, results to a JSON file.
 
 Arguments: output directory, mode ("start", "crash": every process fails in step 3, "resume"), steps, and
-the parallelism: "ddp" or "fsdp" (FSDP2). The student is pruned to 50%, so its sparsity masks are kept (and,
-under FSDP, sharded) too.
+the parallelism: "ddp" or "fsdp" (FSDP2) on CPU processes, or "launched": on CUDA, as ``accelerate launch``
+configured it (e.g. with recipes/accelerate/fsdp.yaml). The student is pruned to 50%, so its sparsity masks
+are kept (and, under FSDP, sharded) too.
 """
 
 import hashlib
@@ -22,7 +23,8 @@ from tests.distill.test_trainer import RESUME, _data, _pair  # noqa: E402
 
 output, mode, steps, parallel = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
 resume = mode == "resume"
-state = PartialState(cpu=True)
+device = "cuda" if parallel == "launched" else "cpu"
+state = PartialState(cpu=device == "cpu")
 if mode == "crash":  # every process fails in step 3, after the step-2 checkpoint
     original = trainer.DistillTrainer._micro_batch_loss
 
@@ -51,14 +53,16 @@ if parallel == "fsdp":
 student, teacher = _pair()
 slmkit.prune(student, slmkit.MagnitudePruneConfig(sparsity=0.5))
 zeros = {name: p == 0 for name, p in student.named_parameters() if p.dim() == 2 and (p == 0).float().mean() > 0.4}
+before = [p.detach().clone() for p in student.parameters()]
 data, eval_data = _data()
 config = DistillConfig(**{**RESUME, "steps": steps})
-slmkit.distill(student, teacher, config, data, eval_data, output_dir=output / "run", resume=resume, device="cpu")
+slmkit.distill(student, teacher, config, data, eval_data, output_dir=output / "run", resume=resume, device=device)
 parameters = dict(student.named_parameters())
-digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in parameters.values())).hexdigest()
+digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in parameters.values())).hexdigest()
 summary = student.slmkit.metrics["distill"]
 (output / f"rank{state.process_index}.json").write_text(json.dumps(
     {"digest": digest, "processes": summary["processes"], "tokens": summary["tokens"],
-     "distributed": summary["distributed"], "kl": [e["kl"] for e in summary["evals"]],
+     "distributed": summary["distributed"], "kl": [e["kl"] for e in summary["evals"]], "device": str(next(student.parameters()).device),
      "plain": all(type(p) is torch.nn.Parameter for p in parameters.values()),  # not sharded DTensors
+     "changed": any(not torch.equal(a, b.to(a.device)) for a, b in zip(before, parameters.values())),
      "zeros": len(zeros), "zeros_kept": all(bool((parameters[n][z] == 0).all()) for n, z in zeros.items())}))

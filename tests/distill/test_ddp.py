@@ -51,7 +51,7 @@ def test_fsdp_shards_the_student_resumes_and_hands_back_whole_weights(straight, 
     _torchrun(tmp_path / "fsdp", "start", 4, 29564, parallel="fsdp")
     ranks = _ranks(tmp_path / "fsdp")
     assert [r["distributed"] for r in ranks] == ["FSDP", "FSDP"]
-    assert ranks[0]["plain"] and ranks[0]["zeros"] and ranks[0]["zeros_kept"]
+    assert ranks[0]["plain"] and ranks[0]["zeros"] and ranks[0]["zeros_kept"] and ranks[0]["changed"]
     # every process holds the whole trained student, the same weights data parallelism trains
     assert ranks[0]["digest"] == ranks[1]["digest"] == _ranks(straight)[0]["digest"]
     step = tmp_path / "fsdp" / "run" / "checkpoints" / "step-00000004"
@@ -60,3 +60,22 @@ def test_fsdp_shards_the_student_resumes_and_hands_back_whole_weights(straight, 
     _torchrun(tmp_path / "resumed", "crash", 4, 29565, fails=True, parallel="fsdp")
     _torchrun(tmp_path / "resumed", "resume", 4, 29566, parallel="fsdp")
     assert _ranks(tmp_path / "resumed")[0]["digest"] == ranks[0]["digest"]
+
+
+@pytest.mark.gpu
+def test_fsdp_on_one_gpu_through_accelerate_launch_and_the_shipped_config(tmp_path):
+    """accelerate's own FSDP2 path (not forced), bf16, on the GPU, launched with recipes/accelerate/fsdp.yaml."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
+    config = Path(__file__).parents[2] / "recipes" / "accelerate" / "fsdp.yaml"
+    result = subprocess.run([launcher, "launch", "--config_file", str(config), "--num_processes", "1",
+                             "--main_process_port", "29567", str(WORKER), str(tmp_path), "start", "4", "launched"],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (rank,) = [json.loads((tmp_path / "rank0.json").read_text())]
+    assert rank["distributed"] == "FSDP" and rank["device"].startswith("cuda")
+    assert rank["plain"] and rank["zeros"] and rank["zeros_kept"] and rank["changed"]  # trained, whole, on CUDA
