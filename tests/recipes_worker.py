@@ -9,7 +9,9 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parents[1]))
+# The repository root replaces this script's directory (tests/), whose kernels/ test package would shadow
+# the Hugging Face kernels package that transformers imports.
+sys.path[0] = str(Path(__file__).parents[1])
 
 from accelerate import PartialState  # noqa: E402
 
