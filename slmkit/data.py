@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 from pathlib import Path
 
@@ -250,6 +251,8 @@ def generated_blocks(model, n: int, seq_len: int, seed: int = 0, batch_size: int
     candidates = allowed.nonzero().squeeze(1)
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
+    # transformers 5.25 renamed the forward's past_key_values (and the output's) to cache
+    cache = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     sequences = []
     with torch.no_grad(), tqdm(total=n * seq_len, desc="generating calibration text", unit="tok") as progress:
         for start in range(0, n, batch_size):
@@ -258,8 +261,8 @@ def generated_blocks(model, n: int, seq_len: int, seed: int = 0, batch_size: int
             tokens, past = [ids], None
             progress.update(count)
             for step in range(seq_len - 1):
-                out = model(input_ids=ids.to(device), past_key_values=past, use_cache=True)
-                past = out.past_key_values
+                out = model(input_ids=ids.to(device), use_cache=True, **{cache: past})
+                past = getattr(out, cache)
                 logits = out.logits[:, -1].float().cpu()
                 logits[:, ~allowed] = float("-inf")
                 if step < greedy_tokens:
