@@ -5,8 +5,9 @@ row says "mixed" (half those blocks, half text the model writes itself: ``embedd
 "generated", and evaluated against the float model on the same windows of (a) the corpus's held-out works
 (the calibration domain) and (b) Python's reference documentation (modern English prose, ``python-docs``).
 Rows: W8A8 (plain, SmoothQuant alpha 0.5, SmoothQuant with the per-site alpha search + GPTQ, the same
-with mixed calibration, and with 2% of the weights kept float by measured sensitivity), W8A16,
-W4A16 at group 128 and 64 by RTN, GPTQ and AWQ, GPTQ with mixed and with generated calibration, and
+with mixed calibration, and with 2% and 4% of the weights kept float by measured sensitivity), W8A16,
+W4A16 at group 128 and 64 by RTN, GPTQ and AWQ (symmetric, and asymmetric: an int8 zero point per group),
+GPTQ without its clipping search, with mixed and with generated calibration, AWQ's scales with GPTQ's rounding, and
 the bitsandbytes baselines LLM.int8() and NF4 (via transformers' BitsAndBytesConfig; rows skipped with a
 note when bitsandbytes is not installed). When ``llmcompressor`` is installed its recipes run on the same
 calibration blocks too (SmoothQuant 0.8 + GPTQ W8A8, and W4A16 g64 by RTN, GPTQ and AWQ): each result is
@@ -29,6 +30,7 @@ from __future__ import annotations
 import copy
 import importlib.metadata
 import importlib.util
+import json
 import sys
 import tempfile
 import time
@@ -55,9 +57,12 @@ VARIANTS = {
                                 SmoothQuantConfig(alpha_grid=GRID, weight_method="gptq"), MIX),
     "w8a8-sq-search-gptq-mix-fp2": ("W8A8 SmoothQuant alpha search + GPTQ, mixed calibration, 2% of weights float",
                                     SmoothQuantConfig(alpha_grid=GRID, weight_method="gptq", float_budget=0.02), MIX),
+    "w8a8-sq-search-gptq-mix-fp4": ("W8A8 SmoothQuant alpha search + GPTQ, mixed calibration, 4% of weights float",
+                                    SmoothQuantConfig(alpha_grid=GRID, weight_method="gptq", float_budget=0.04), MIX),
     "w8a16-rtn": ("W8A16 RTN per channel", RTNConfig(scheme="W8A16", group_size=None), "embedded"),
     "rtn-g128": ("W4A16 g128 RTN", RTNConfig(group_size=128), "embedded"),
     "gptq-g128": ("W4A16 g128 GPTQ", GPTQConfig(group_size=128), "embedded"),
+    "gptq-g128-noclip": ("W4A16 g128 GPTQ, no clipping search", GPTQConfig(group_size=128, clip=False), "embedded"),
     "gptq-g128-mix": ("W4A16 g128 GPTQ, mixed calibration", GPTQConfig(group_size=128), MIX),
     "awq-g128": ("W4A16 g128 AWQ", AWQConfig(group_size=128), "embedded"),
     "rtn-g64": ("W4A16 g64 RTN", RTNConfig(group_size=64), "embedded"),
@@ -65,8 +70,21 @@ VARIANTS = {
     "gptq-g64-mix": ("W4A16 g64 GPTQ, mixed calibration", GPTQConfig(group_size=64), MIX),
     "gptq-g64-generated": ("W4A16 g64 GPTQ, calibrated on generated text", GPTQConfig(group_size=64), "generated"),
     "awq-g64": ("W4A16 g64 AWQ", AWQConfig(group_size=64), "embedded"),
+    "rtn-g128-asym": ("W4A16 g128 RTN, asymmetric", RTNConfig(group_size=128, symmetric=False), "embedded"),
+    "gptq-g128-asym": ("W4A16 g128 GPTQ, asymmetric", GPTQConfig(group_size=128, symmetric=False), "embedded"),
+    "gptq-g128-mix-asym": ("W4A16 g128 GPTQ, asymmetric, mixed calibration",
+                           GPTQConfig(group_size=128, symmetric=False), MIX),
+    "awq-g128-asym": ("W4A16 g128 AWQ, asymmetric", AWQConfig(group_size=128, symmetric=False), "embedded"),
     "rtn-g64-asym": ("W4A16 g64 RTN, asymmetric", RTNConfig(group_size=64, symmetric=False), "embedded"),
     "gptq-g64-asym": ("W4A16 g64 GPTQ, asymmetric", GPTQConfig(group_size=64, symmetric=False), "embedded"),
+    "gptq-g64-mix-asym": ("W4A16 g64 GPTQ, asymmetric, mixed calibration",
+                          GPTQConfig(group_size=64, symmetric=False), MIX),
+    "awq-g64-asym": ("W4A16 g64 AWQ, asymmetric", AWQConfig(group_size=64, symmetric=False), "embedded"),
+    "awq-gptq-g128": ("W4A16 g128 AWQ + GPTQ rounding", AWQConfig(group_size=128, weight_method="gptq"), "embedded"),
+    "awq-gptq-g64-asym": ("W4A16 g64 AWQ + GPTQ rounding, asymmetric",
+                          AWQConfig(group_size=64, symmetric=False, weight_method="gptq"), "embedded"),
+    "awq-gptq-g64-mix-asym": ("W4A16 g64 AWQ + GPTQ rounding, asymmetric, mixed calibration",
+                              AWQConfig(group_size=64, symmetric=False, weight_method="gptq"), MIX),
     "bnb-int8": ("bitsandbytes LLM.int8()", "bitsandbytes", None),
     "bnb-nf4": ("bitsandbytes NF4 (blocksize 64)", "bitsandbytes", None),
     "llmc-w8a8-sq-gptq": ("llm-compressor SmoothQuant 0.8 + GPTQ W8A8", "llmcompressor", "embedded"),
@@ -74,9 +92,8 @@ VARIANTS = {
     "llmc-gptq-g64": ("llm-compressor W4A16 g64 GPTQ", "llmcompressor", "embedded"),
     "llmc-awq-g64": ("llm-compressor W4A16 g64 AWQ", "llmcompressor", "embedded"),
 }
-# Not run by default: the asymmetric rows. (The mixed-precision row's sensitivity pass, 210 single-linear
-# KL measurements, takes about 12 minutes on a 2-core CPU.)
-DEFAULT_VARIANTS = [key for key in VARIANTS if key not in ("gptq-g64-asym", "rtn-g64-asym")]
+# The slowest rows are the mixed-precision W8A8 ones (9 to 12 minutes each on a 2-core CPU): most of it is
+# their sensitivity pass, 210 single-linear KL measurements.
 
 
 def linear_bits_per_weight(model) -> float:
@@ -143,15 +160,15 @@ def llmc_model(reference, key: str, calib: torch.Tensor, workdir: str):
 def main(argv=None) -> int:
     parser = script_parser(__doc__, quality=True)
     parser.set_defaults(max_tokens=4096)
-    parser.add_argument("--only", default="", help="comma-separated variant keys (default: all but the asymmetric "
-                        "ones): " + ", ".join(VARIANTS))
+    parser.add_argument("--only", default="", help="comma-separated variant keys (default: all): "
+                        + ", ".join(VARIANTS))
     parser.add_argument("--update", action="store_true",
                         help="measure only the --only variants and replace or add their rows in the existing result")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted run: keep the rows the result already has, measure the rest")
     args = parser.parse_args(argv)
     try:
-        keys = selected_variants(args.only, VARIANTS) if args.only else list(DEFAULT_VARIANTS)
+        keys = selected_variants(args.only, VARIANTS) if args.only else list(VARIANTS)
         files = result_files(args.out, "smollm2-quantization-comparison", args.overwrite or args.update or args.resume)
         previous = previous_rows(
             files[0], args.update or args.resume,
@@ -167,7 +184,7 @@ def main(argv=None) -> int:
 
     if args.resume:  # rows already measured stay; the rest are measured now
         keys = [key for key in keys if key not in {row["key"] for row in previous}]
-    rows, notes = [], []
+    rows, notes = [], (earlier_notes(files[0], keys) if previous else [])
     missing_packages = {}
     workdir = tempfile.TemporaryDirectory(prefix="compare-quant-")
     for key in keys:
@@ -209,6 +226,15 @@ def main(argv=None) -> int:
         notes.append(f"{', '.join(skipped)}: not measured, {package} is not installed here "
                      f"({'pip install slmkit[bnb]' if package == 'bitsandbytes' else 'see this script docstring'}).")
     return write(files, args, evals, merge_rows(previous, rows), notes, keys, bool(previous))
+
+
+def earlier_notes(json_file, keys: list[str]) -> list[str]:
+    """The notes of an earlier result (``--update``, ``--resume``) about rows this run does not measure again."""
+    def about(note: str) -> set[str]:
+        subject = note.split(": ", 1)[0]
+        return {key for key, (label, _, _) in VARIANTS.items() if subject == label or key in subject.split(", ")}
+
+    return [note for note in json.loads(json_file.read_text()).get("notes", []) if not about(note) & set(keys)]
 
 
 def write(files, args, evals, rows, notes, keys, partial_update: bool, quiet: bool = False) -> int:
@@ -258,8 +284,9 @@ def write(files, args, evals, rows, notes, keys, partial_update: bool, quiet: bo
                       f"{report['kl_mean']:.4f}", f"{100 * report['top1_agreement']:.2f}%"]
         table.append(cells)
     lines += markdown_table(header, table)
-    if missing:
-        notes = notes + [f"Not measured (yet): {', '.join(missing)}."]
+    unexplained = [key for key in missing if not any(key in note or VARIANTS[key][0] in note for note in notes)]
+    if unexplained:  # the failed and not-installed ones already have their note
+        notes = notes + [f"Not measured (yet): {', '.join(unexplained)}."]
     if notes:
         lines += ["", *(f"- {note}" for note in notes)]
     if quiet:

@@ -4,7 +4,9 @@ Weights that meet large activations matter most. For each fold site of a block (
 norm → gate/up, v → o, up → down; the same exact folds SmoothQuant uses) AWQ scales the targets' input
 columns up by ``s = mean|x|^α`` (normalised to geometric mean 1) and folds ``1/s`` into the source, so
 the salient columns get finer quantization steps. ``α`` is searched on a grid (α = 0 is plain RTN) for
-the lowest output error. Then, per linear, each (row, group) searches a clipping ratio of its range.
+the lowest output error. Then, per linear, each (row, group) searches a clipping ratio of its range, and
+the scaled weights are rounded to nearest or, with ``weight_method="gptq"``, by GPTQ against the scaled
+inputs' XᵀX.
 
 Both searches score a candidate by the exact output error over *all* calibration tokens,
 ``Σ_t ‖(W − Q(W)) x_t‖² = tr(D · XᵀX · Dᵀ)`` with ``D = W − Q(W)``, from the Gram matrix XᵀX that
@@ -19,11 +21,12 @@ import torch
 from torch import nn
 
 from slmkit import calib as calibration
-from slmkit.config import check_range, register
+from slmkit.config import check_choice, check_range, register
 from slmkit.models.arch import block_linears, block_targets, fold_groups, get_spec, weight_out_in
 from slmkit.models.record import get_record
 from slmkit.quantize.base import (CalibratedWeightQuantConfig, ClipSearchFields,
                                   replace_with_weight_only, require_unquantized)
+from slmkit.quantize.gptq import gptq_quantize
 from slmkit.quantize.groupwise import fake_quantize, group_params, quantize_codes, search_clip
 from slmkit.quantize.smoothquant import expand_heads, fold_scales, group_heads
 
@@ -38,10 +41,19 @@ class AWQConfig(ClipSearchFields, CalibratedWeightQuantConfig):
     # clip / clip_grid (ClipSearchFields): after scaling, a clipping ratio per (row, group), down to
     # 1 - max_shrink, by the lowest output error
     max_shrink: float = 0.5
+    # How the scaled weights are rounded: "rtn" (nearest, with the clipped group ranges) or "gptq" (the
+    # clipped ranges, then GPTQ's error compensation against the scaled inputs' XᵀX, act-order with
+    # static groups, so the stored format is the same)
+    weight_method: str = "rtn"
+    gptq_damp: float = 0.01
+    gptq_block_size: int = 128
 
     def __post_init__(self):
         super().__post_init__()
         check_range("grid", self.grid, 1, 1000, int)
+        check_choice("weight_method", self.weight_method, ("rtn", "gptq"))
+        check_range("gptq_damp", self.gptq_damp, 0.0, 10.0)
+        check_range("gptq_block_size", self.gptq_block_size, 1, 1 << 16, int)
         self.check_clip_search()
 
 
@@ -130,13 +142,19 @@ def awq(model: nn.Module, config: AWQConfig, calib: torch.Tensor,
                 grams[rep] = grams[rep] / (target_scale[:, None] * target_scale[None, :])
         chosen_alpha[str(layer.index)] = site_alpha
         for name, module in targets.items():
-            weight = weight_out_in(module)
-            ratio = 1.0
-            if config.clip:
-                ratio = search_clip(weight, grams[representative[name]], config.bits, config.group_size,
-                                    config.symmetric, config.max_shrink, config.clip_grid)
-            scale, zero = group_params(weight, config.bits, config.group_size, config.symmetric, ratio)
-            codes = quantize_codes(weight, scale, zero, config.bits, config.group_size)
+            weight, gram = weight_out_in(module), grams[representative[name]]
+            if config.weight_method == "gptq":
+                clip = (config.max_shrink, config.clip_grid) if config.clip else None
+                codes, scale, zero, _ = gptq_quantize(weight, gram, config.bits, config.group_size, config.symmetric,
+                                                      config.gptq_block_size, config.gptq_damp, act_order=True,
+                                                      what=f"block {layer.index} {name}", clip=clip)
+            else:
+                ratio = 1.0
+                if config.clip:
+                    ratio = search_clip(weight, gram, config.bits, config.group_size, config.symmetric,
+                                        config.max_shrink, config.clip_grid)
+                scale, zero = group_params(weight, config.bits, config.group_size, config.symmetric, ratio)
+                codes = quantize_codes(weight, scale, zero, config.bits, config.group_size)
             replace_with_weight_only(model, layer.index, layer.block, name, codes, scale, zero, config)
         del stats, grams
     return model

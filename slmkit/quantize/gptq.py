@@ -47,8 +47,8 @@ class GPTQConfig(ClipSearchFields, CalibratedWeightQuantConfig):
     # clip / max_shrink / clip_grid (ClipSearchFields): the static group scales (act_order, or per
     # channel) come from a clipping search: per (row, group) the ratio of the range, down to
     # 1 - max_shrink, whose rounding error through the Hessian is lowest. On SmolLM2 W4 g128 it took the
-    # perplexity rise from +15.7% to +11.9% on the calibration domain and from +45.2% to +29.5% on
-    # another (python-docs).
+    # perplexity rise from +15.1% to +13.2% on the calibration domain and from +47.7% to +26.9% on
+    # another (python-docs; scripts/compare_quant.py).
 
     def __post_init__(self):
         super().__post_init__()

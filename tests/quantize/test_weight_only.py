@@ -30,8 +30,9 @@ def _relative_logit_error(model, reference) -> float:
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("config", [RTNConfig(group_size=16), GPTQConfig(group_size=16, symmetric=False),
-                                    AWQConfig(group_size=32), RTNConfig(scheme="W8A16", group_size=None)],
-                         ids=["rtn-w4", "gptq-w4-asym", "awq-w4", "rtn-w8"])
+                                    AWQConfig(group_size=32), AWQConfig(group_size=16, weight_method="gptq"),
+                                    RTNConfig(scheme="W8A16", group_size=None)],
+                         ids=["rtn-w4", "gptq-w4-asym", "awq-w4", "awq-gptq-w4", "rtn-w8"])
 def test_every_family_gets_packed_weight_only_linears(family, config):
     reference = tiny_model(family)
     model = copy.deepcopy(reference)
@@ -55,6 +56,20 @@ def test_gptq_and_awq_beat_round_to_nearest_on_the_calibration_distribution():
         quantize(model, config, calib=random_tokens(16, 64, seed=3))
         errors[config.name] = _relative_logit_error(model, reference)
     assert errors["gptq"] < 0.9 * errors["rtn"] and errors["awq"] < errors["rtn"], errors
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gpt2"])
+def test_awq_with_gptq_rounding_beats_awq_rounding_to_nearest(family):
+    """The same searched scales and clipped ranges; GPTQ then spreads each column's rounding error over the
+    columns still to come (measured: 0.057 vs 0.069 relative logit error on qwen2, 0.047 vs 0.062 on gpt2)."""
+    reference = tiny_model(family)
+    errors = {}
+    for method in ("rtn", "gptq"):
+        model = copy.deepcopy(reference)
+        quantize(model, AWQConfig(group_size=16, weight_method=method), calib=random_tokens(16, 64, seed=3))
+        errors[method] = _relative_logit_error(model, reference)
+        assert model.slmkit.metrics["awq_alpha"].keys() == {"0", "1"}
+    assert errors["gptq"] < 0.9 * errors["rtn"], errors
 
 
 def test_gptq_reduces_output_error_on_correlated_inputs_with_and_without_act_order():
@@ -184,6 +199,11 @@ def test_bad_configs_fail_clearly(fields, message):
     for config_class in (RTNConfig, GPTQConfig, AWQConfig):
         with pytest.raises(ConfigError, match=message):
             config_class.from_dict(fields)
+
+
+def test_awq_weight_method_is_checked():
+    with pytest.raises(ConfigError, match="weight_method must be one of"):
+        AWQConfig(weight_method="hqq")
 
 
 @pytest.mark.parametrize("config_class", [GPTQConfig, AWQConfig])
