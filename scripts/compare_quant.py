@@ -5,10 +5,10 @@ row says "mixed" (half those blocks, half text the model writes itself: ``embedd
 "generated", and evaluated against the float model on the same windows of (a) the corpus's held-out works
 (the calibration domain) and (b) Python's reference documentation (modern English prose, ``python-docs``).
 Rows: W8A8 (plain, SmoothQuant alpha 0.5, SmoothQuant with the per-site alpha search + GPTQ, the same
-with mixed calibration, and with 2% and 4% of the weights kept float by measured sensitivity), W8A16,
-W4A16 at group 128 and 64 by RTN, GPTQ and AWQ (symmetric, and asymmetric: an int8 zero point per group),
-GPTQ without its clipping search, with mixed and with generated calibration, AWQ's scales with GPTQ's rounding, and
-the bitsandbytes baselines LLM.int8() and NF4 (via transformers' BitsAndBytesConfig; rows skipped with a
+with mixed and with generated calibration, and mixed with 2% and 4% of the weights kept float by measured
+sensitivity), W8A16, W4A16 at group 128 and 64 by RTN, GPTQ and AWQ (symmetric, and asymmetric: an int8
+zero point per group), GPTQ without its clipping search, with mixed and with generated calibration, AWQ's
+scales with GPTQ's rounding, and the bitsandbytes baselines LLM.int8() and NF4 (via transformers' BitsAndBytesConfig; rows skipped with a
 note when bitsandbytes is not installed). When ``llmcompressor`` is installed its recipes run on the same
 calibration blocks too (SmoothQuant 0.8 + GPTQ W8A8, and W4A16 g64 by RTN, GPTQ and AWQ): each result is
 saved in llm-compressor's compressed-tensors format and read back with ``slmkit.load_model``, so its
@@ -55,6 +55,8 @@ VARIANTS = {
                             SmoothQuantConfig(alpha_grid=GRID, weight_method="gptq"), "embedded"),
     "w8a8-sq-search-gptq-mix": ("W8A8 SmoothQuant alpha search + GPTQ, mixed calibration",
                                 SmoothQuantConfig(alpha_grid=GRID, weight_method="gptq"), MIX),
+    "w8a8-sq-search-gptq-generated": ("W8A8 SmoothQuant alpha search + GPTQ, calibrated on generated text",
+                                      SmoothQuantConfig(alpha_grid=GRID, weight_method="gptq"), "generated"),
     "w8a8-sq-search-gptq-mix-fp2": ("W8A8 SmoothQuant alpha search + GPTQ, mixed calibration, 2% of weights float",
                                     SmoothQuantConfig(alpha_grid=GRID, weight_method="gptq", float_budget=0.02), MIX),
     "w8a8-sq-search-gptq-mix-fp4": ("W8A8 SmoothQuant alpha search + GPTQ, mixed calibration, 4% of weights float",
