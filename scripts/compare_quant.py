@@ -8,8 +8,8 @@ Rows: W8A8 (plain, SmoothQuant alpha 0.5, SmoothQuant with the per-site alpha se
 with mixed and with generated calibration, and mixed with 2% and 4% of the weights kept float by measured
 sensitivity), W8A16, W4A16 at group 128 and 64 by RTN, GPTQ and AWQ (symmetric, and asymmetric: an int8
 zero point per group), GPTQ without its clipping search, with mixed and with generated calibration, AWQ's
-scales with GPTQ's rounding, and the bitsandbytes baselines LLM.int8() and NF4 (via transformers' BitsAndBytesConfig; rows skipped with a
-note when bitsandbytes is not installed). When ``llmcompressor`` is installed its recipes run on the same
+scales with GPTQ's rounding, and the bitsandbytes baselines LLM.int8() and NF4 (via transformers'
+BitsAndBytesConfig; rows skipped with a note when bitsandbytes is not installed). When ``llmcompressor`` is installed its recipes run on the same
 calibration blocks too (SmoothQuant 0.8 + GPTQ W8A8, and W4A16 g64 by RTN, GPTQ and AWQ): each result is
 saved in llm-compressor's compressed-tensors format and read back with ``slmkit.load_model``, so its
 size and bits are counted like slmkit's. llm-compressor 0.14 pins transformers <= 5.17, so it runs in its
