@@ -4,16 +4,16 @@ Every variant is calibrated on the same blocks of the embedded corpus (Shakespea
 row says "mixed" (half those blocks, half text the model writes itself: ``embedded+generated``) or
 "generated", and evaluated against the float model on the same windows of (a) the corpus's held-out works
 (the calibration domain) and (b) Python's reference documentation (modern English prose, ``python-docs``).
-Rows: W8A8 (plain, SmoothQuant alpha 0.5, SmoothQuant with the per-site alpha search + GPTQ, the same
-with mixed and with generated calibration, and mixed with 2% and 4% of the weights kept float by measured
-sensitivity), W8A16, W4A16 at group 128 and 64 by RTN, GPTQ and AWQ (symmetric, and asymmetric: an int8
-zero point per group), GPTQ without its clipping search, with mixed and with generated calibration, AWQ's
-scales with GPTQ's rounding, and the bitsandbytes baselines LLM.int8() and NF4 (via transformers'
-BitsAndBytesConfig; rows skipped with a note when bitsandbytes is not installed). When ``llmcompressor`` is installed its recipes run on the same
-calibration blocks too (SmoothQuant 0.8 + GPTQ W8A8, and W4A16 g64 by RTN, GPTQ and AWQ): each result is
-saved in llm-compressor's compressed-tensors format and read back with ``slmkit.load_model``, so its
-size and bits are counted like slmkit's. llm-compressor 0.14 pins transformers <= 5.17, so it runs in its
-own environment: ``pip install llmcompressor==0.14.0.1 -e .`` in a fresh venv, then run this script there.
+Rows: W8A8 (plain, SmoothQuant alpha 0.5, SmoothQuant with the per-site alpha search + GPTQ, the same with
+mixed and with generated calibration, and mixed with 2% and 4% of the weights kept float by measured
+sensitivity), W8A16, W4A16 at group 128 and 64 by RTN, GPTQ and AWQ (symmetric, and asymmetric: an int8 zero
+point per group), GPTQ without its clipping search, with mixed and with generated calibration, AWQ's scales
+with GPTQ's rounding, and the bitsandbytes baselines LLM.int8() and NF4 (via transformers' BitsAndBytesConfig;
+rows skipped with a note when bitsandbytes is not installed). When ``llmcompressor`` is installed its recipes
+run on the same calibration blocks too (SmoothQuant 0.8 + GPTQ W8A8, and W4A16 g64 by RTN, GPTQ and AWQ): each
+result is saved in llm-compressor's compressed-tensors format and read back with ``slmkit.load_model``, so its
+size and bits are counted like slmkit's. llm-compressor 0.14 pins transformers <= 5.17, so it runs in its own
+environment: ``pip install llmcompressor==0.14.0.1 -e .`` in a fresh venv, then run this script there.
 
 "bits/weight" counts everything stored for the block linears (codes, scales, zero points) per weight;
 "size" is all model tensors in memory (embeddings stay float32 in every row).
@@ -230,13 +230,15 @@ def main(argv=None) -> int:
     return write(files, args, evals, merge_rows(previous, rows), notes, keys, bool(previous))
 
 
+def note_subjects(note: str) -> set[str]:
+    """The variant keys a note is about: its subject (before ": ") is one row's label or a list of keys."""
+    subject = note.split(": ", 1)[0]
+    return {key for key, (label, _, _) in VARIANTS.items() if subject == label or key in subject.split(", ")}
+
+
 def earlier_notes(json_file, keys: list[str]) -> list[str]:
     """The notes of an earlier result (``--update``, ``--resume``) about rows this run does not measure again."""
-    def about(note: str) -> set[str]:
-        subject = note.split(": ", 1)[0]
-        return {key for key, (label, _, _) in VARIANTS.items() if subject == label or key in subject.split(", ")}
-
-    return [note for note in json.loads(json_file.read_text()).get("notes", []) if not about(note) & set(keys)]
+    return [note for note in json.loads(json_file.read_text()).get("notes", []) if not note_subjects(note) & set(keys)]
 
 
 def write(files, args, evals, rows, notes, keys, partial_update: bool, quiet: bool = False) -> int:
@@ -286,7 +288,8 @@ def write(files, args, evals, rows, notes, keys, partial_update: bool, quiet: bo
                       f"{report['kl_mean']:.4f}", f"{100 * report['top1_agreement']:.2f}%"]
         table.append(cells)
     lines += markdown_table(header, table)
-    unexplained = [key for key in missing if not any(key in note or VARIANTS[key][0] in note for note in notes)]
+    explained = set().union(*map(note_subjects, notes))
+    unexplained = [key for key in missing if key not in explained]
     if unexplained:  # the failed and not-installed ones already have their note
         notes = notes + [f"Not measured (yet): {', '.join(unexplained)}."]
     if notes:

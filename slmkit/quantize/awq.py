@@ -144,10 +144,9 @@ def awq(model: nn.Module, config: AWQConfig, calib: torch.Tensor,
         for name, module in targets.items():
             weight, gram = weight_out_in(module), grams[representative[name]]
             if config.weight_method == "gptq":
-                clip = (config.max_shrink, config.clip_grid) if config.clip else None
                 codes, scale, zero, _ = gptq_quantize(weight, gram, config.bits, config.group_size, config.symmetric,
                                                       config.gptq_block_size, config.gptq_damp, act_order=True,
-                                                      what=f"block {layer.index} {name}", clip=clip)
+                                                      what=f"block {layer.index} {name}", clip=config.clip_search())
             else:
                 ratio = 1.0
                 if config.clip:

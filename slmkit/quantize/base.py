@@ -71,6 +71,10 @@ class ClipSearchFields:
     max_shrink: float = 0.2  # the smallest ratio tried is 1 - max_shrink
     clip_grid: int = 20  # ratios tried
 
+    def clip_search(self) -> tuple[float, int] | None:
+        """(max_shrink, clip_grid) of the clipping search, or None when ``clip`` is off."""
+        return (self.max_shrink, self.clip_grid) if self.clip else None
+
     def check_clip_search(self) -> None:
         """Validate the clipping search fields."""
         check_type("clip", self.clip, bool)

@@ -179,7 +179,7 @@ def gptq(model: nn.Module, config: GPTQConfig, calib: torch.Tensor,
                 codes, scale, zero, info = gptq_quantize(
                     weight_out_in(targets[name]), gram * (2.0 / count), config.bits, config.group_size,
                     config.symmetric, config.block_size, config.damp, config.act_order, what=path,
-                    clip=(config.max_shrink, config.clip_grid) if config.clip else None)
+                    clip=config.clip_search())
                 if info["fallback"]:
                     fallbacks.append(path)
                 replace_with_weight_only(model, layer.index, layer.block, name, codes, scale, zero, config)
