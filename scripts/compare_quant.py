@@ -7,10 +7,10 @@ row says "mixed" (half those blocks, half text the model writes itself: ``embedd
 Rows: W8A8 (plain, SmoothQuant alpha 0.5, SmoothQuant with the per-site alpha search + GPTQ, the same with
 mixed and with generated calibration, and mixed with 2% and 4% of the weights kept float by measured
 sensitivity), W8A16, W4A16 at group 128 and 64 by RTN, GPTQ and AWQ (symmetric, and asymmetric: an int8 zero
-point per group), GPTQ without its clipping search, with mixed and with generated calibration, AWQ's scales
-with GPTQ's rounding, and the bitsandbytes baselines LLM.int8() and NF4 (via transformers' BitsAndBytesConfig;
-rows skipped with a note when bitsandbytes is not installed). When ``llmcompressor`` is installed its recipes
-run on the same calibration blocks too (SmoothQuant 0.8 + GPTQ W8A8, and W4A16 g64 by RTN, GPTQ and AWQ): each
+point per group; GPTQ and AWQ also with mixed calibration), GPTQ without its clipping search and calibrated on
+generated text, AWQ's scales with GPTQ's rounding, and the bitsandbytes baselines LLM.int8() and NF4 (via
+transformers' BitsAndBytesConfig; rows skipped with a note when bitsandbytes is not installed). When
+``llmcompressor`` is installed its recipes run on the same calibration blocks too (SmoothQuant 0.8 + GPTQ W8A8, and W4A16 g64 by RTN, GPTQ and AWQ): each
 result is saved in llm-compressor's compressed-tensors format and read back with ``slmkit.load_model``, so its
 size and bits are counted like slmkit's. llm-compressor 0.14 pins transformers <= 5.17, so it runs in its own
 environment: ``pip install llmcompressor==0.14.0.1 -e .`` in a fresh venv, then run this script there.
@@ -67,22 +67,32 @@ VARIANTS = {
     "gptq-g128-noclip": ("W4A16 g128 GPTQ, no clipping search", GPTQConfig(group_size=128, clip=False), "embedded"),
     "gptq-g128-mix": ("W4A16 g128 GPTQ, mixed calibration", GPTQConfig(group_size=128), MIX),
     "awq-g128": ("W4A16 g128 AWQ", AWQConfig(group_size=128), "embedded"),
+    "awq-g128-mix": ("W4A16 g128 AWQ, mixed calibration", AWQConfig(group_size=128), MIX),
     "rtn-g64": ("W4A16 g64 RTN", RTNConfig(group_size=64), "embedded"),
     "gptq-g64": ("W4A16 g64 GPTQ", GPTQConfig(group_size=64), "embedded"),
     "gptq-g64-mix": ("W4A16 g64 GPTQ, mixed calibration", GPTQConfig(group_size=64), MIX),
     "gptq-g64-generated": ("W4A16 g64 GPTQ, calibrated on generated text", GPTQConfig(group_size=64), "generated"),
     "awq-g64": ("W4A16 g64 AWQ", AWQConfig(group_size=64), "embedded"),
+    "awq-g64-mix": ("W4A16 g64 AWQ, mixed calibration", AWQConfig(group_size=64), MIX),
     "rtn-g128-asym": ("W4A16 g128 RTN, asymmetric", RTNConfig(group_size=128, symmetric=False), "embedded"),
     "gptq-g128-asym": ("W4A16 g128 GPTQ, asymmetric", GPTQConfig(group_size=128, symmetric=False), "embedded"),
     "gptq-g128-mix-asym": ("W4A16 g128 GPTQ, asymmetric, mixed calibration",
                            GPTQConfig(group_size=128, symmetric=False), MIX),
     "awq-g128-asym": ("W4A16 g128 AWQ, asymmetric", AWQConfig(group_size=128, symmetric=False), "embedded"),
+    "awq-g128-mix-asym": ("W4A16 g128 AWQ, asymmetric, mixed calibration",
+                          AWQConfig(group_size=128, symmetric=False), MIX),
     "rtn-g64-asym": ("W4A16 g64 RTN, asymmetric", RTNConfig(group_size=64, symmetric=False), "embedded"),
     "gptq-g64-asym": ("W4A16 g64 GPTQ, asymmetric", GPTQConfig(group_size=64, symmetric=False), "embedded"),
     "gptq-g64-mix-asym": ("W4A16 g64 GPTQ, asymmetric, mixed calibration",
                           GPTQConfig(group_size=64, symmetric=False), MIX),
     "awq-g64-asym": ("W4A16 g64 AWQ, asymmetric", AWQConfig(group_size=64, symmetric=False), "embedded"),
+    "awq-g64-mix-asym": ("W4A16 g64 AWQ, asymmetric, mixed calibration",
+                         AWQConfig(group_size=64, symmetric=False), MIX),
     "awq-gptq-g128": ("W4A16 g128 AWQ + GPTQ rounding", AWQConfig(group_size=128, weight_method="gptq"), "embedded"),
+    "awq-gptq-g128-mix": ("W4A16 g128 AWQ + GPTQ rounding, mixed calibration",
+                          AWQConfig(group_size=128, weight_method="gptq"), MIX),
+    "awq-gptq-g128-mix-asym": ("W4A16 g128 AWQ + GPTQ rounding, asymmetric, mixed calibration",
+                               AWQConfig(group_size=128, symmetric=False, weight_method="gptq"), MIX),
     "awq-gptq-g64-asym": ("W4A16 g64 AWQ + GPTQ rounding, asymmetric",
                           AWQConfig(group_size=64, symmetric=False, weight_method="gptq"), "embedded"),
     "awq-gptq-g64-mix-asym": ("W4A16 g64 AWQ + GPTQ rounding, asymmetric, mixed calibration",
