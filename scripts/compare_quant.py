@@ -10,10 +10,11 @@ sensitivity), W8A16, W4A16 at group 128 and 64 by RTN, GPTQ and AWQ (symmetric, 
 point per group; GPTQ and AWQ also with mixed calibration), GPTQ without its clipping search and calibrated on
 generated text, AWQ's scales with GPTQ's rounding, and the bitsandbytes baselines LLM.int8() and NF4 (via
 transformers' BitsAndBytesConfig; rows skipped with a note when bitsandbytes is not installed). When
-``llmcompressor`` is installed its recipes run on the same calibration blocks too (SmoothQuant 0.8 + GPTQ W8A8, and W4A16 g64 by RTN, GPTQ and AWQ): each
-result is saved in llm-compressor's compressed-tensors format and read back with ``slmkit.load_model``, so its
-size and bits are counted like slmkit's. llm-compressor 0.14 pins transformers <= 5.17, so it runs in its own
-environment: ``pip install llmcompressor==0.14.0.1 -e .`` in a fresh venv, then run this script there.
+``llmcompressor`` is installed its recipes run on the same calibration blocks too (SmoothQuant 0.8 + GPTQ
+W8A8, and W4A16 g64 by RTN, GPTQ and AWQ): each result is saved in llm-compressor's compressed-tensors format
+and read back with ``slmkit.load_model``, so its size and bits are counted like slmkit's. llm-compressor 0.14
+pins transformers <= 5.17, so it runs in its own environment: ``pip install llmcompressor==0.14.0.1 -e .`` in
+a fresh venv, then run this script there.
 
 "bits/weight" counts everything stored for the block linears (codes, scales, zero points) per weight;
 "size" is all model tensors in memory (embeddings stay float32 in every row).

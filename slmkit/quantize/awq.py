@@ -150,10 +150,9 @@ def awq(model: nn.Module, config: AWQConfig, calib: torch.Tensor,
                                                       config.gptq_block_size, config.gptq_damp, act_order=True,
                                                       what=f"block {layer.index} {name}", clip=config.clip_search())
             else:
-                ratio = 1.0
-                if config.clip:
-                    ratio = search_clip(weight, gram, config.bits, config.group_size, config.symmetric,
-                                        config.max_shrink, config.clip_grid)
+                clip = config.clip_search()
+                ratio = (search_clip(weight, gram, config.bits, config.group_size, config.symmetric, *clip)
+                         if clip else 1.0)
                 scale, zero = group_params(weight, config.bits, config.group_size, config.symmetric, ratio)
                 codes = quantize_codes(weight, scale, zero, config.bits, config.group_size)
             replace_with_weight_only(model, layer.index, layer.block, name, codes, scale, zero, config)
