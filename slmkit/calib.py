@@ -624,3 +624,17 @@ def gram_reduce(x: torch.Tensor, state: tuple | None) -> tuple[torch.Tensor, int
     x = x.float()
     gram = x.t() @ x
     return (gram, x.shape[0]) if state is None else (state[0] + gram, state[1] + x.shape[0])
+
+
+def shrink_gram(gram: torch.Tensor, amount: float) -> torch.Tensor:
+    """``(1 - amount) · G + amount · diag(G)``: a Gram matrix XᵀX pulled toward its diagonal (a new tensor).
+
+    A shrinkage estimate, as Ledoit and Wolf's for covariances: each input's energy (the diagonal) stays,
+    the correlations between inputs, which calibration text of one domain over-fits, are damped.
+    ``amount`` 0 returns ``gram`` itself, 1 keeps only the diagonal.
+    """
+    if amount == 0:
+        return gram
+    shrunk = gram * (1.0 - amount)
+    shrunk.diagonal().add_(gram.diagonal() * amount)
+    return shrunk

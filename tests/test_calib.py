@@ -55,6 +55,19 @@ def test_input_abs_max_matches_direct_computation():
     torch.testing.assert_close(stats["q"], normed.abs().amax(dim=(0, 1)))
 
 
+def test_shrink_gram_keeps_the_diagonal_and_damps_the_rest():
+    x = torch.randn(50, 6, generator=torch.Generator().manual_seed(0))
+    gram, _ = calibration.gram_reduce(x, None)
+    before = gram.clone()
+    assert calibration.shrink_gram(gram, 0.0) is gram
+    shrunk = calibration.shrink_gram(gram, 0.25)
+    torch.testing.assert_close(shrunk.diagonal(), gram.diagonal())
+    off = ~torch.eye(6, dtype=torch.bool)
+    torch.testing.assert_close(shrunk[off], 0.75 * gram[off])
+    assert torch.equal(calibration.shrink_gram(gram, 1.0), torch.diag(gram.diagonal()))
+    assert torch.equal(gram, before)  # a new tensor; the input is untouched
+
+
 def test_bad_tokens_are_refused():
     with pytest.raises(SlmkitError, match="non-empty"):
         next(calibration.layerwise(tiny_model("llama"), torch.zeros(0, dtype=torch.long)))

@@ -10,7 +10,9 @@ inputs' XᵀX.
 
 Both searches score a candidate by the exact output error over *all* calibration tokens,
 ``Σ_t ‖(W − Q(W)) x_t‖² = tr(D · XᵀX · Dᵀ)`` with ``D = W − Q(W)``, from the Gram matrix XᵀX that
-:func:`slmkit.calib.gram_reduce` accumulates, instead of re-running the layer on a token sample.
+:func:`slmkit.calib.gram_reduce` accumulates, instead of re-running the layer on a token sample. That
+Gram is first pulled toward its diagonal (``gram_shrink``, :func:`slmkit.calib.shrink_gram`), so the
+searches fit less of the calibration domain's correlations between inputs.
 """
 
 from __future__ import annotations
@@ -124,7 +126,8 @@ def awq(model: nn.Module, config: AWQConfig, calib: torch.Tensor,
         representative = {name: group[0] for group in spec.input_groups() for name in group}
         reps = {representative[name] for name in targets}
         stats = calibration.observe_inputs(layer, {name: linears[name] for name in reps}, _stats_reduce)
-        grams = {name: gram / count for name, (gram, count, _) in stats.items()}
+        grams = {name: calibration.shrink_gram(gram / count, config.gram_shrink)
+                 for name, (gram, count, _) in stats.items()}
         names = {id(module): name for name, module in linears.items()}
         site_alpha = {}
         for group in fold_groups(model, layer.block):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import slmkit
+from slmkit import calib as calibration
 from slmkit.config import ConfigError
 from slmkit.errors import SlmkitError
 from slmkit.models.arch import block_linears, blocks, weight_out_in
@@ -101,6 +102,42 @@ def test_gptq_clip_search_lowers_the_output_error_of_static_groups():
         if clip is not None:
             assert (scale.float() < group_params(weight, 4, 32, True)[0].float() - 1e-3).any()  # some groups clipped
     assert errors[(0.5, 20)] < 0.9 * errors[None]
+
+
+def test_a_shrunk_gram_trades_calibration_fit_for_a_lower_error_on_other_inputs():
+    """Two "domains" share each input's energy but not the correlations between inputs: GPTQ against the
+    calibration Gram shrunk toward its diagonal fits the calibration inputs less and the other domain better."""
+    generator = torch.Generator().manual_seed(0)
+    energy = torch.rand(128, generator=generator) * 2 + 0.2
+
+    def domain(tokens):
+        mixing = torch.randn(8, 128, generator=generator)
+        return (torch.randn(tokens, 128, generator=generator) + torch.randn(tokens, 8, generator=generator) @ mixing) * energy
+
+    calib, other = domain(256), domain(4000)
+    weight = torch.randn(32, 128, generator=generator)
+    gram, gram_other = calib.t() @ calib / len(calib), other.t() @ other / len(other)
+    errors = {}
+    for amount in (0.0, 0.25):
+        codes, scale, zero, _ = gptq_quantize(weight, calibration.shrink_gram(gram, amount), 4, 32, True, 32, 0.01)
+        diff = weight - dequantize(codes, scale, zero, 32)
+        errors[amount] = (output_error(diff, gram), output_error(diff, gram_other))
+    assert errors[0.25][0] > errors[0.0][0] and errors[0.25][1] < 0.95 * errors[0.0][1], errors
+
+
+@pytest.mark.parametrize("config_class", [GPTQConfig, AWQConfig])
+def test_gram_shrink_is_used_recorded_and_checked(config_class):
+    reference = tiny_model("llama")
+    logits = {}
+    for amount in (0.0, 0.25):
+        model = copy.deepcopy(reference)
+        quantize(model, config_class(group_size=16, gram_shrink=amount), calib=CALIB)
+        assert model.slmkit.steps[-1][config_class.name]["gram_shrink"] == amount
+        with torch.no_grad():
+            logits[amount] = model(HELD_OUT).logits
+    assert not torch.equal(logits[0.0], logits[0.25])
+    with pytest.raises(ConfigError, match=r"gram_shrink must be in \[0.0, 1.0\]"):
+        config_class(gram_shrink=1.5)
 
 
 def test_gptq_damps_a_singular_hessian_and_falls_back_with_warnings():
