@@ -57,7 +57,7 @@ class CalibratedWeightQuantConfig(LayerwiseFields, WeightQuantConfig):
     # Every search and error compensation scores weight errors through the inputs' Gram matrix XᵀX,
     # pulled this far toward its diagonal first (slmkit.calib.shrink_gram): the inputs' energies stay, the
     # correlations between them, which calibration text of one domain over-fits, are damped. On SmolLM2
-    # W4 g64 GPTQ calibrated on Shakespeare, 0.25 took the perplexity rise from +11.9% to +6.4% there and
+    # W4 g64 GPTQ calibrated on Shakespeare, 0.25 took the perplexity rise from +11.9% to +6.3% there and
     # from +24.2% to +15.1% on python-docs (0.1: +5.9% / +17.0%; 0.5: +8.3% / +14.8%); 0 is the plain Gram.
     gram_shrink: float = 0.25
 
