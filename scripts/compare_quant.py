@@ -7,14 +7,14 @@ row says "mixed" (half those blocks, half text the model writes itself: ``embedd
 Rows: W8A8 (plain, SmoothQuant alpha 0.5, SmoothQuant with the per-site alpha search + GPTQ, the same with
 mixed and with generated calibration, and mixed with 2% and 4% of the weights kept float by measured
 sensitivity), W8A16, W4A16 at group 128 and 64 by RTN, GPTQ and AWQ (symmetric, and asymmetric: an int8 zero
-point per group; GPTQ and AWQ also with mixed calibration), GPTQ without its clipping search and calibrated on
-generated text, AWQ's scales with GPTQ's rounding, and the bitsandbytes baselines LLM.int8() and NF4 (via
-transformers' BitsAndBytesConfig; rows skipped with a note when bitsandbytes is not installed). When
-``llmcompressor`` is installed its recipes run on the same calibration blocks too (SmoothQuant 0.8 + GPTQ
-W8A8, and W4A16 g64 by RTN, GPTQ and AWQ): each result is saved in llm-compressor's compressed-tensors format
-and read back with ``slmkit.load_model``, so its size and bits are counted like slmkit's. llm-compressor 0.14
-pins transformers <= 5.17, so it runs in its own environment: ``pip install llmcompressor==0.14.0.1 -e .`` in
-a fresh venv, then run this script there.
+point per group; GPTQ and AWQ also with mixed calibration; AWQ also with two-sided clipping), GPTQ without its
+clipping search and calibrated on generated text, AWQ's scales with GPTQ's rounding, and the bitsandbytes
+baselines LLM.int8() and NF4 (via transformers' BitsAndBytesConfig; rows skipped with a note when bitsandbytes
+is not installed). When ``llmcompressor`` is installed its recipes run on the same calibration blocks too
+(SmoothQuant 0.8 + GPTQ W8A8, and W4A16 g64 by RTN, GPTQ and AWQ): each result is saved in llm-compressor's
+compressed-tensors format and read back with ``slmkit.load_model``, so its size and bits are counted like
+slmkit's. llm-compressor 0.14 pins transformers <= 5.17, so it runs in its own environment: ``pip install
+llmcompressor==0.14.0.1 -e .`` in a fresh venv, then run this script there.
 
 "bits/weight" counts everything stored for the block linears (codes, scales, zero points) per weight;
 "size" is all model tensors in memory (embeddings stay float32 in every row).
@@ -82,6 +82,8 @@ VARIANTS = {
     "awq-g128-asym": ("W4A16 g128 AWQ, asymmetric", AWQConfig(group_size=128, symmetric=False), "embedded"),
     "awq-g128-mix-asym": ("W4A16 g128 AWQ, asymmetric, mixed calibration",
                           AWQConfig(group_size=128, symmetric=False), MIX),
+    "awq-g128-asym-two": ("W4A16 g128 AWQ, asymmetric, two-sided clipping",
+                          AWQConfig(group_size=128, symmetric=False, clip_two_sided=True), "embedded"),
     "rtn-g64-asym": ("W4A16 g64 RTN, asymmetric", RTNConfig(group_size=64, symmetric=False), "embedded"),
     "gptq-g64-asym": ("W4A16 g64 GPTQ, asymmetric", GPTQConfig(group_size=64, symmetric=False), "embedded"),
     "gptq-g64-mix-asym": ("W4A16 g64 GPTQ, asymmetric, mixed calibration",
@@ -89,6 +91,8 @@ VARIANTS = {
     "awq-g64-asym": ("W4A16 g64 AWQ, asymmetric", AWQConfig(group_size=64, symmetric=False), "embedded"),
     "awq-g64-mix-asym": ("W4A16 g64 AWQ, asymmetric, mixed calibration",
                          AWQConfig(group_size=64, symmetric=False), MIX),
+    "awq-g64-asym-two": ("W4A16 g64 AWQ, asymmetric, two-sided clipping",
+                         AWQConfig(group_size=64, symmetric=False, clip_two_sided=True), "embedded"),
     "awq-gptq-g128": ("W4A16 g128 AWQ + GPTQ rounding", AWQConfig(group_size=128, weight_method="gptq"), "embedded"),
     "awq-gptq-g128-mix": ("W4A16 g128 AWQ + GPTQ rounding, mixed calibration",
                           AWQConfig(group_size=128, weight_method="gptq"), MIX),
@@ -98,6 +102,9 @@ VARIANTS = {
                           AWQConfig(group_size=64, symmetric=False, weight_method="gptq"), "embedded"),
     "awq-gptq-g64-mix-asym": ("W4A16 g64 AWQ + GPTQ rounding, asymmetric, mixed calibration",
                               AWQConfig(group_size=64, symmetric=False, weight_method="gptq"), MIX),
+    "awq-gptq-g64-mix-asym-two": ("W4A16 g64 AWQ + GPTQ rounding, asymmetric, mixed calibration, two-sided clipping",
+                                  AWQConfig(group_size=64, symmetric=False, weight_method="gptq", clip_two_sided=True),
+                                  MIX),
     "bnb-int8": ("bitsandbytes LLM.int8()", "bitsandbytes", None),
     "bnb-nf4": ("bitsandbytes NF4 (blocksize 64)", "bitsandbytes", None),
     "llmc-w8a8-sq-gptq": ("llm-compressor SmoothQuant 0.8 + GPTQ W8A8", "llmcompressor", "embedded"),

@@ -47,8 +47,8 @@ class GPTQConfig(ClipSearchFields, CalibratedWeightQuantConfig):
     block_size: int = 128  # columns per lazy batch update
     damp: float = 0.01  # added to the Hessian diagonal, as a fraction of its mean
     act_order: bool = True  # visit columns by decreasing activation energy (static groups)
-    # clip / max_shrink / clip_grid (ClipSearchFields): the static group scales (act_order, or per
-    # channel) come from a clipping search: per (row, group) the ratio of the range, down to
+    # clip / max_shrink / clip_grid / clip_two_sided (ClipSearchFields): the static group scales (act_order,
+    # or per channel) come from a clipping search: per (row, group) the ratio of the range, down to
     # 1 - max_shrink, whose rounding error through the Hessian is lowest. On SmolLM2 W4 g128 it took the
     # perplexity rise from +10.2% to +7.3% on the calibration domain and from +26.0% to +17.4% on
     # another (python-docs; scripts/compare_quant.py).
@@ -90,11 +90,11 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float, what: str = "laye
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int | None,
                   symmetric: bool, block_size: int = 128, damp: float = 0.01, act_order: bool = True,
                   what: str = "layer", scale_dtype: torch.dtype = SCALE_DTYPE,
-                  clip: tuple[float, int] | None = None
+                  clip: tuple[float, int, bool] | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict]:
     """GPTQ one (out, in) weight against ``hessian`` (in, in), any positive scale of XᵀX.
     ``scale_dtype``: dtype of the returned scales (float16 for weight-only, float32 for W8A8).
-    ``clip``: (max_shrink, grid) of a clipping search for the up-front (static or per-channel) scales.
+    ``clip``: (max_shrink, grid, two_sided) of a clipping search for the up-front (static or per-channel) scales.
 
     Returns (codes int8 (out, in), scale (out, G), zero (out, G) or None, info) where info has the damp
     used and ``fallback`` (True when the Hessian could not be factored and RTN was used instead).

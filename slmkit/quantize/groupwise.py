@@ -53,19 +53,23 @@ def expand_groups(params: torch.Tensor, in_features: int, group_size: int | None
 
 
 def group_params(weight: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
-                 clip: torch.Tensor | float = 1.0, scale_dtype: torch.dtype = SCALE_DTYPE
+                 clip: torch.Tensor | float | tuple = 1.0, scale_dtype: torch.dtype = SCALE_DTYPE
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale (out, G) in ``scale_dtype`` and zero point (out, G) int8 (None when symmetric) of ``weight``.
 
-    ``clip`` shrinks the range (a float, or one ratio per (out, G)): AWQ's clipping search picks it.
+    ``clip`` shrinks the range (a float, or one ratio per (out, G)): the clipping searches pick it. When
+    asymmetric, it may be a (low, high) pair that shrinks the two ends of each range separately.
     """
     low, high = qrange(bits)
     grouped = _grouped(weight, group_size)  # (out, G, g)
     if symmetric:
+        if isinstance(clip, tuple):
+            raise ValueError("a (low, high) clipping pair needs asymmetric quantization")
         scale = grouped.abs().amax(dim=2) * clip / ((high - low) / 2)
         return scale.clamp(min=_MIN_SCALE).to(scale_dtype), None
-    w_min = grouped.amin(dim=2).clamp(max=0) * clip
-    w_max = grouped.amax(dim=2).clamp(min=0) * clip
+    clip_low, clip_high = clip if isinstance(clip, tuple) else (clip, clip)
+    w_min = grouped.amin(dim=2).clamp(max=0) * clip_low
+    w_max = grouped.amax(dim=2).clamp(min=0) * clip_high
     scale = ((w_max - w_min) / (high - low)).clamp(min=_MIN_SCALE).to(scale_dtype)
     zero = torch.round(low - w_min / scale.float()).clamp(low, high).to(torch.int8)
     return scale, zero
@@ -94,7 +98,7 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | No
 
 
 def fake_quantize(weight: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
-                  clip: torch.Tensor | float = 1.0) -> torch.Tensor:
+                  clip: torch.Tensor | float | tuple = 1.0) -> torch.Tensor:
     """Round-to-nearest quantize then dequantize (float32), for error searches (AWQ, mixed precision)."""
     scale, zero = group_params(weight, bits, group_size, symmetric, clip)
     return dequantize(quantize_codes(weight, scale, zero, bits, group_size), scale, zero, group_size)
@@ -113,19 +117,30 @@ def group_output_errors(diff: torch.Tensor, gram: torch.Tensor, group_size: int 
 
 
 def search_clip(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
-                max_shrink: float, grid: int) -> torch.Tensor:
+                max_shrink: float, grid: int, two_sided: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Clipping ratio per (row, group), (out, G), minimising each group's output error through ``gram``
-    (XᵀX for AWQ's and GPTQ's searches), over ratios ``1, 1 - max_shrink/grid, ..., 1 - max_shrink·(grid-1)/grid``."""
+    (XᵀX for AWQ's and GPTQ's searches), over ratios ``1, 1 - max_shrink/grid, ..., 1 - max_shrink·(grid-1)/grid``.
+
+    ``two_sided`` (asymmetric only): a (low, high) pair of ratios per (row, group) instead, each end of the
+    range over ``max(grid // 2, 1)`` ratios from 1 down to the same depth, every pair tried.
+    """
+    if two_sided and symmetric:
+        raise ValueError("a two-sided clipping search needs asymmetric quantization")
     w = weight.float()
     best_error = torch.full((w.shape[0], num_groups(w.shape[1], group_size)), float("inf"), device=w.device)
-    best_ratio = torch.ones_like(best_error)
-    for step in range(grid):
-        ratio = 1.0 - max_shrink * step / grid
-        errors = group_output_errors(w - fake_quantize(w, bits, group_size, symmetric, ratio), gram, group_size)
+    steps = max(grid // 2, 1) if two_sided else grid
+    ratios = [1.0 - max_shrink * step / steps for step in range(steps)]
+    pairs = [(lo, hi) for lo in ratios for hi in ratios] if two_sided else [(r, r) for r in ratios]
+    best_low, best_high = torch.ones_like(best_error), torch.ones_like(best_error)
+    for lo, hi in pairs:
+        clip = (lo, hi) if two_sided else lo
+        errors = group_output_errors(w - fake_quantize(w, bits, group_size, symmetric, clip), gram, group_size)
         better = errors < best_error
         best_error = torch.where(better, errors, best_error)
-        best_ratio = torch.where(better, torch.full_like(best_ratio, ratio), best_ratio)
-    return best_ratio
+        best_low = torch.where(better, torch.full_like(best_low, lo), best_low)
+        best_high = torch.where(better, torch.full_like(best_high, hi), best_high)
+    return (best_low, best_high) if two_sided else best_low
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:

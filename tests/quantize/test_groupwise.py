@@ -62,3 +62,36 @@ def test_clip_shrinks_the_range():
     full, _ = groupwise.group_params(weight, 4, 32, True)
     clipped, _ = groupwise.group_params(weight, 4, 32, True, clip=0.5)
     assert torch.allclose(clipped.float(), full.float() * 0.5, rtol=1e-3)
+
+
+def test_a_clipping_pair_shrinks_each_end_of_an_asymmetric_range_separately():
+    weight = _randn(4, 64, seed=3)
+    grouped = weight.view(4, 2, 32)
+    low_only, _ = groupwise.group_params(weight, 4, 32, False, clip=(0.5, 1.0))
+    high_only, _ = groupwise.group_params(weight, 4, 32, False, clip=(1.0, 0.5))
+    w_min, w_max = grouped.amin(dim=2).clamp(max=0), grouped.amax(dim=2).clamp(min=0)
+    assert torch.allclose(low_only.float(), (w_max - 0.5 * w_min) / 15, rtol=1e-3)
+    assert torch.allclose(high_only.float(), (0.5 * w_max - w_min) / 15, rtol=1e-3)
+    with pytest.raises(ValueError, match="asymmetric"):
+        groupwise.group_params(weight, 4, 32, True, clip=(0.5, 1.0))
+
+
+def test_two_sided_clip_search_finds_a_one_sided_outlier():
+    # every group has one large positive outlier that costs little output error (its input is quiet):
+    # the best range clips the high end and keeps the low end whole
+    weight = _randn(8, 64, seed=4) * 0.1
+    weight[:, ::32] = 1.0
+    gram = torch.eye(64)
+    gram[::32, ::32] = 1e-4  # the outlier columns' inputs are almost never active
+    one = groupwise.search_clip(weight, gram, 4, 32, False, 0.9, 10)
+    low, high = groupwise.search_clip(weight, gram, 4, 32, False, 0.9, 10, two_sided=True)
+    assert low.shape == high.shape == one.shape == (8, 2)
+    assert (high < low).all()  # the outlier's end is clipped deeper than the other
+
+    def error(clip):
+        diff = weight - groupwise.fake_quantize(weight, 4, 32, False, clip)
+        return groupwise.group_output_errors(diff, gram, 32).sum()
+
+    assert error((low, high)) < 0.9 * error(one)
+    with pytest.raises(ValueError, match="asymmetric"):
+        groupwise.search_clip(weight, gram, 4, 32, True, 0.2, 10, two_sided=True)

@@ -250,6 +250,22 @@ def test_clip_search_needs_room_to_shrink(config_class):
     config_class(clip=False, max_shrink=0.0)
 
 
+@pytest.mark.parametrize("config_class", [GPTQConfig, AWQConfig])
+def test_two_sided_clipping_is_used_recorded_and_checked(config_class):
+    reference = tiny_model("llama")
+    logits = {}
+    for two_sided in (False, True):
+        model = copy.deepcopy(reference)
+        quantize(model, config_class(group_size=16, symmetric=False, clip_two_sided=two_sided), calib=CALIB)
+        assert model.slmkit.steps[-1][config_class.name]["clip_two_sided"] is two_sided
+        with torch.no_grad():
+            logits[two_sided] = model(HELD_OUT).logits
+    assert not torch.equal(logits[False], logits[True])
+    for fields in ({"clip_two_sided": True}, {"clip_two_sided": True, "symmetric": False, "clip": False}):
+        with pytest.raises(ConfigError, match="clip_two_sided needs clip: true and symmetric: false"):
+            config_class(**fields)
+
+
 def test_quantizing_twice_is_refused_before_any_work():
     model = tiny_model("llama")
     quantize(model, RTNConfig(skip=[r"\.1\."]))  # block 1 stays float, but the model is quantized
