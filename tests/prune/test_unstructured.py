@@ -1,5 +1,7 @@
 """Magnitude, Wanda and SparseGPT on tiny models of every family: sparsity, N:M patterns, errors, storage."""
 
+import copy
+
 import pytest
 import torch
 
@@ -36,6 +38,20 @@ def test_n_m_pattern_holds(method, n_m):
     for block in blocks(model):
         for name, module in block_linears(model, block):
             assert is_n_m_sparse(weight_out_in(module), n, m), name
+
+
+def test_sparsegpt_gram_shrink_is_used_recorded_and_checked():
+    reference = tiny_model("llama")
+    logits = {}
+    for amount in (0.0, 0.25):
+        model = copy.deepcopy(reference)
+        prune(model, SparseGPTConfig(n_m="2:4", gram_shrink=amount), calib=random_tokens(4, 32))
+        assert model.slmkit.steps[-1]["sparsegpt"]["gram_shrink"] == amount
+        with torch.no_grad():
+            logits[amount] = model(random_tokens(1, 8, seed=1)).logits
+    assert not torch.equal(logits[0.0], logits[0.25])
+    with pytest.raises(ConfigError, match=r"gram_shrink must be in \[0.0, 1.0\]"):
+        SparseGPTConfig(gram_shrink=-0.1)
 
 
 def test_skip_leaves_modules_dense_and_lm_head_untouched():
