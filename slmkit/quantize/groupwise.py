@@ -128,19 +128,18 @@ def search_clip(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size:
     if two_sided and symmetric:
         raise ValueError("a two-sided clipping search needs asymmetric quantization")
     w = weight.float()
-    best_error = torch.full((w.shape[0], num_groups(w.shape[1], group_size)), float("inf"), device=w.device)
     steps = max(grid // 2, 1) if two_sided else grid
     ratios = [1.0 - max_shrink * step / steps for step in range(steps)]
-    pairs = [(lo, hi) for lo in ratios for hi in ratios] if two_sided else [(r, r) for r in ratios]
-    best_low, best_high = torch.ones_like(best_error), torch.ones_like(best_error)
-    for lo, hi in pairs:
-        clip = (lo, hi) if two_sided else lo
+    candidates = [(lo, hi) for lo in ratios for hi in ratios] if two_sided else ratios
+    best_error = torch.full((w.shape[0], num_groups(w.shape[1], group_size)), float("inf"), device=w.device)
+    best = torch.zeros_like(best_error, dtype=torch.long)  # index into candidates, per (row, group)
+    for index, clip in enumerate(candidates):
         errors = group_output_errors(w - fake_quantize(w, bits, group_size, symmetric, clip), gram, group_size)
         better = errors < best_error
         best_error = torch.where(better, errors, best_error)
-        best_low = torch.where(better, torch.full_like(best_low, lo), best_low)
-        best_high = torch.where(better, torch.full_like(best_high, hi), best_high)
-    return (best_low, best_high) if two_sided else best_low
+        best = torch.where(better, index, best)
+    chosen = torch.tensor(candidates, dtype=torch.float32, device=w.device)[best]  # (out, G) or (out, G, 2)
+    return (chosen[..., 0], chosen[..., 1]) if two_sided else chosen
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
