@@ -332,6 +332,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _leave_process_group() -> None:
+    """Under ``accelerate launch`` or ``torchrun``: close the run's process group once the command is done,
+    as PyTorch asks, rather than leave it to the interpreter's teardown."""
+    torch = sys.modules.get("torch")  # a command that never imported torch started no process group
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``slmkit`` console script."""
     parser = build_parser()
@@ -340,7 +348,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return args.handler(args)
+        code = args.handler(args)
+        _leave_process_group()
+        return code
     except SlmkitError as error:
         if args.debug:
             traceback.print_exc()

@@ -47,3 +47,4 @@ calibration.WalkCheckpoint._frontier_due = lambda self: True  # keep the hidden 
 recipe = Recipe.from_file(recipe_file)
 result = run_recipe(recipe, output=root / "out", device="cpu")
 report(digest=hashlib.sha256(b"".join(t.numpy().tobytes() for t in result.model.state_dict().values())).hexdigest())
+state.destroy_process_group()  # as a script under torchrun should: its gloo threads stop before the interpreter's teardown

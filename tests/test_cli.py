@@ -138,3 +138,20 @@ def test_sigterm_stops_a_command_as_ctrl_c_does():
             time.sleep(5)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_finished_command_closes_the_process_group_of_a_launched_run(tmp_path, monkeypatch):
+    """Under ``accelerate launch`` / ``torchrun`` the command closes the process group itself, rather than leave
+    it to the interpreter's teardown."""
+    import torch.distributed as dist
+
+    import slmkit.cli
+
+    monkeypatch.setattr(slmkit.cli, "cmd_info", lambda args: 0)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert main(["info", str(tmp_path)]) == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -193,10 +193,18 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
     return sorted(done, key=lambda d: int(d.name.split("-")[1]))
 
 
+def _trackers(output_dir: Path | None):
+    """The experiment trackers accelerate logs to, besides the JSONL log: TensorBoard (in the output
+    directory) when it is installed."""
+    from accelerate.utils import is_tensorboard_available
+
+    return "tensorboard" if output_dir is not None and is_tensorboard_available() else None
+
+
 def _new_accelerator(config: DistillConfig, device: str | None, output_dir: Path | None):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import DataLoaderConfiguration, is_tensorboard_available
+    from accelerate.utils import DataLoaderConfiguration
 
     use_cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
     precision = config.mixed_precision
@@ -207,11 +215,10 @@ def _new_accelerator(config: DistillConfig, device: str | None, output_dir: Path
         # accelerate keeps its settings process-wide, so start each training from a clean state.
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
-    log_with = "tensorboard" if output_dir is not None and is_tensorboard_available() else None
     return Accelerator(
         cpu=use_cpu,
         mixed_precision=precision,
-        log_with=log_with,
+        log_with=_trackers(output_dir),
         project_dir=str(output_dir) if output_dir is not None else None,
         # the sampler's order depends only on (seed, epoch), so a resumed run sees the same batches
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
@@ -565,8 +572,10 @@ class DistillTrainer:
             raise
         finally:
             progress.close()
-            if self.accelerator.log_with:
-                self.accelerator.end_training()
+            # not `accelerator.end_training()`: it also destroys the process group, which the caller still
+            # needs (FSDP's final gather below, the next steps of a recipe, the caller's own script)
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
         self.module.eval()
         if self.sharded:
             self._gather_into_student()

@@ -39,6 +39,9 @@ def test_two_processes_train_in_step_and_resume(straight, tmp_path):
     assert ranks[0]["processes"] == 2 and ranks[0]["tokens"] == 2 * sum(per_step)
     assert ranks[0]["kl"][-1] < ranks[0]["kl"][0]
     assert ranks[0]["zeros"] and ranks[0]["zeros_kept"]
+    # the main process's experiment tracker got the logs and was finished; every process kept the group
+    assert ranks[0]["logged"] >= 5 and ranks[0]["tracker_finished"] and ranks[1]["logged"] == 0
+    assert all(r["group_alive"] for r in ranks)
 
     # both processes crash in step 3; resuming from the step-2 checkpoint ends with the same weights
     _torchrun(tmp_path / "resumed", "crash", 4, 29562, fails=True)
@@ -52,6 +55,7 @@ def test_fsdp_shards_the_student_resumes_and_hands_back_whole_weights(straight, 
     ranks = _ranks(tmp_path / "fsdp")
     assert [r["distributed"] for r in ranks] == ["FSDP", "FSDP"]
     assert ranks[0]["plain"] and ranks[0]["zeros"] and ranks[0]["zeros_kept"] and ranks[0]["changed"]
+    assert ranks[0]["tracker_finished"] and all(r["group_alive"] for r in ranks)  # the final gather needs it
     # every process holds the whole trained student, the same weights data parallelism trains
     assert ranks[0]["digest"] == ranks[1]["digest"] == _ranks(straight)[0]["digest"]
     step = tmp_path / "fsdp" / "run" / "checkpoints" / "step-00000004"
