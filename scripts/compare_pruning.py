@@ -1,17 +1,24 @@
-"""Compare pruning methods against the dense model on held-out text; print a table, write JSON + Markdown.
+"""Compare pruning methods against the dense model on held-out text of two domains; print a table, write JSON + Markdown.
 
-Variants: 50% unstructured and 2:4 with magnitude, Wanda and SparseGPT; structured width pruning to 90%
-and 75% of the parameters (heads, FFN and hidden size; and FFN only; activation importance, and first-order Taylor
-for FFN only); depth pruning of 10% and 20% of the blocks (block influence), and 20% chosen by measured loss effect. Every variant sees the same
-calibration blocks and evaluation windows. For each: perplexity, KL and top-1 agreement against the
-dense model, parameters, bytes of the saved checkpoint's weights file, and pruning time. No healing
-(distillation) is applied: these are one-shot numbers.
+Variants: 50% unstructured and 2:4 with magnitude, Wanda and SparseGPT (Wanda and SparseGPT also with mixed
+calibration, SparseGPT also with its Hessian shrunk toward the diagonal, ``gram_shrink=0.25``); structured
+width pruning to 90% and 75% of the parameters (heads, FFN and hidden size; and FFN only; activation
+importance, and first-order Taylor for FFN only; FFN-only 75% also with mixed calibration); depth pruning of
+10% and 20% of the blocks (block influence), and 20% chosen by measured loss effect.
+
+Every variant is calibrated on the same blocks of the embedded corpus (Shakespeare and Milton), unless its
+row says "mixed" (half those blocks, half text the model writes itself: ``embedded+generated``), and is
+evaluated against the dense model on the same windows of (a) the corpus's held-out works (the calibration
+domain) and (b) Python's reference documentation (modern English prose, ``python-docs``). For each:
+perplexity, KL and top-1 agreement against the dense model in both, parameters, bytes of the saved
+checkpoint's weights file, and pruning time. No healing (distillation) is applied: these are one-shot numbers.
 
 Usage:
     python scripts/compare_pruning.py [--model smollm2-135m] [--calib-blocks 64] [--max-tokens 16384]
-        [--only wanda-50,sparsegpt-2:4] [--update] [--out benchmarks/results/cpu] [--overwrite]
+        [--only wanda-50,sparsegpt-2:4] [--update | --resume] [--out benchmarks/results/cpu] [--overwrite]
 
-``--update`` re-measures only the ``--only`` rows and keeps the others of the existing result.
+The result files are rewritten after every row; ``--resume`` continues an interrupted run, ``--update``
+re-measures only the ``--only`` rows and keeps the others of the existing result.
 """
 
 from __future__ import annotations
@@ -23,32 +30,50 @@ import time
 from pathlib import Path
 
 import slmkit
-from slmkit import DepthPruneConfig, MagnitudePruneConfig, SparseGPTConfig, WandaConfig, WidthPruneConfig
-from slmkit.bench import (data_note, environment, finish, markdown_header, markdown_table, merge_rows, previous_rows,
-                          quality_inputs, result_files, script_parser, selected_variants)
+from slmkit import DepthPruneConfig, EvalConfig, MagnitudePruneConfig, SparseGPTConfig, WandaConfig, WidthPruneConfig
+from slmkit.bench import (MIXED_CALIBRATION, QUALITY_DOMAINS, domains_note, environment, finish, markdown_header,
+                          markdown_table, merge_rows, previous_rows, result_files, script_parser, selected_variants,
+                          write_results)
 from slmkit.eval.report import parameter_count
 from slmkit.models.checkpoint import WEIGHTS
 from slmkit.prune import linear_sparsity
 
 ALL = ["heads", "ffn", "hidden"]
+MIX = MIXED_CALIBRATION
+# key: (label, config, calibration source)
 VARIANTS = {
-    "magnitude-50": ("magnitude, 50% unstructured", MagnitudePruneConfig(sparsity=0.5)),
-    "wanda-50": ("Wanda, 50% unstructured", WandaConfig(sparsity=0.5)),
-    "sparsegpt-50": ("SparseGPT, 50% unstructured", SparseGPTConfig(sparsity=0.5)),
-    "magnitude-2:4": ("magnitude, 2:4", MagnitudePruneConfig(n_m="2:4")),
-    "wanda-2:4": ("Wanda, 2:4", WandaConfig(n_m="2:4")),
-    "sparsegpt-2:4": ("SparseGPT, 2:4", SparseGPTConfig(n_m="2:4")),
-    "width-10": ("width (heads, FFN, hidden), 90% of parameters", WidthPruneConfig(param_budget=0.9, budget_dims=ALL)),
-    "width-25": ("width (heads, FFN, hidden), 75% of parameters", WidthPruneConfig(param_budget=0.75, budget_dims=ALL)),
-    "width-10-ffn": ("width (FFN only), 90% of parameters", WidthPruneConfig(param_budget=0.9, budget_dims=["ffn"])),
-    "width-25-ffn": ("width (FFN only), 75% of parameters", WidthPruneConfig(param_budget=0.75, budget_dims=["ffn"])),
+    "magnitude-50": ("magnitude, 50% unstructured", MagnitudePruneConfig(sparsity=0.5), "embedded"),
+    "wanda-50": ("Wanda, 50% unstructured", WandaConfig(sparsity=0.5), "embedded"),
+    "wanda-50-mix": ("Wanda, 50% unstructured, mixed calibration", WandaConfig(sparsity=0.5), MIX),
+    "sparsegpt-50": ("SparseGPT, 50% unstructured", SparseGPTConfig(sparsity=0.5), "embedded"),
+    "sparsegpt-50-mix": ("SparseGPT, 50% unstructured, mixed calibration", SparseGPTConfig(sparsity=0.5), MIX),
+    "sparsegpt-50-shrink": ("SparseGPT, 50% unstructured, gram_shrink 0.25",
+                            SparseGPTConfig(sparsity=0.5, gram_shrink=0.25), "embedded"),
+    "magnitude-2:4": ("magnitude, 2:4", MagnitudePruneConfig(n_m="2:4"), "embedded"),
+    "wanda-2:4": ("Wanda, 2:4", WandaConfig(n_m="2:4"), "embedded"),
+    "wanda-2:4-mix": ("Wanda, 2:4, mixed calibration", WandaConfig(n_m="2:4"), MIX),
+    "sparsegpt-2:4": ("SparseGPT, 2:4", SparseGPTConfig(n_m="2:4"), "embedded"),
+    "sparsegpt-2:4-mix": ("SparseGPT, 2:4, mixed calibration", SparseGPTConfig(n_m="2:4"), MIX),
+    "sparsegpt-2:4-shrink": ("SparseGPT, 2:4, gram_shrink 0.25", SparseGPTConfig(n_m="2:4", gram_shrink=0.25),
+                             "embedded"),
+    "width-10": ("width (heads, FFN, hidden), 90% of parameters",
+                 WidthPruneConfig(param_budget=0.9, budget_dims=ALL), "embedded"),
+    "width-25": ("width (heads, FFN, hidden), 75% of parameters",
+                 WidthPruneConfig(param_budget=0.75, budget_dims=ALL), "embedded"),
+    "width-10-ffn": ("width (FFN only), 90% of parameters", WidthPruneConfig(param_budget=0.9, budget_dims=["ffn"]),
+                     "embedded"),
+    "width-25-ffn": ("width (FFN only), 75% of parameters", WidthPruneConfig(param_budget=0.75, budget_dims=["ffn"]),
+                     "embedded"),
+    "width-25-ffn-mix": ("width (FFN only), 75% of parameters, mixed calibration",
+                         WidthPruneConfig(param_budget=0.75, budget_dims=["ffn"]), MIX),
     "width-10-ffn-taylor": ("width (FFN only), 90% of parameters, Taylor importance",
-                            WidthPruneConfig(param_budget=0.9, budget_dims=["ffn"], importance="taylor")),
+                            WidthPruneConfig(param_budget=0.9, budget_dims=["ffn"], importance="taylor"), "embedded"),
     "width-25-ffn-taylor": ("width (FFN only), 75% of parameters, Taylor importance",
-                            WidthPruneConfig(param_budget=0.75, budget_dims=["ffn"], importance="taylor")),
-    "depth-10": ("depth, −10% of blocks (block influence)", DepthPruneConfig(ratio=0.1)),
-    "depth-20": ("depth, −20% of blocks (block influence)", DepthPruneConfig(ratio=0.2)),
-    "depth-20-loss": ("depth, −20% of blocks (loss effect)", DepthPruneConfig(ratio=0.2, importance="loss")),
+                            WidthPruneConfig(param_budget=0.75, budget_dims=["ffn"], importance="taylor"), "embedded"),
+    "depth-10": ("depth, −10% of blocks (block influence)", DepthPruneConfig(ratio=0.1), "embedded"),
+    "depth-20": ("depth, −20% of blocks (block influence)", DepthPruneConfig(ratio=0.2), "embedded"),
+    "depth-20-loss": ("depth, −20% of blocks (loss effect)", DepthPruneConfig(ratio=0.2, importance="loss"),
+                      "embedded"),
 }
 
 
@@ -57,62 +82,103 @@ def main(argv=None) -> int:
     parser.add_argument("--only", default="", help="comma-separated variant keys: " + ", ".join(VARIANTS))
     parser.add_argument("--update", action="store_true",
                         help="re-measure only the --only variants and replace their rows in the existing result")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run: keep the rows the result already has, measure the rest")
     args = parser.parse_args(argv)
     try:
         keys = selected_variants(args.only, VARIANTS)
-        files = result_files(args.out, "smollm2-pruning-comparison", args.overwrite or args.update)
+        files = result_files(args.out, "smollm2-pruning-comparison", args.overwrite or args.update or args.resume)
         previous = previous_rows(
-            files[0], args.update,
-            lambda old: (old["model"], old["calibration"]["blocks"], old["evaluation"]["max_tokens"])
-            == (args.model, args.calib_blocks, args.max_tokens),
-            "model, calibration or evaluation length")
-        reference, calib, eval_config = quality_inputs(args)
+            files[0], args.update or args.resume,
+            lambda old: (old["model"], old["calibration"]["blocks"], old["max_tokens"], list(old["domains"]))
+            == (args.model, args.calib_blocks, args.max_tokens, list(QUALITY_DOMAINS)) if "domains" in old else False,
+            "model, calibration, evaluation length or domains")
+        evals = {name: EvalConfig(source=source, max_tokens=args.max_tokens, seq_len=1024)
+                 for name, (source, _) in QUALITY_DOMAINS.items()}
+        reference = slmkit.load_model(args.model)
+        calibrations = {"embedded": slmkit.calib_data(reference, n=args.calib_blocks, seq_len=512)}
     except slmkit.SlmkitError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if args.resume:  # rows already measured stay; the rest are measured now
+        keys = [key for key in keys if key not in {row["key"] for row in previous}]
 
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         dense_bytes = (slmkit.save(reference, Path(tmp) / "dense") / WEIGHTS).stat().st_size
-        rows = []
         for key in keys:
-            label, config = VARIANTS[key]
+            label, config, source = VARIANTS[key]
+            if source not in calibrations:  # written by the model: made once, not timed
+                calibrations[source] = slmkit.calib_data(reference, n=args.calib_blocks, seq_len=512, source=source)
             model = copy.deepcopy(reference)
             start = time.perf_counter()
-            slmkit.prune(model, config, calib=calib)
+            slmkit.prune(model, config, calib=calibrations[source])
             seconds = time.perf_counter() - start
-            report = slmkit.evaluate(model, reference=reference, config=eval_config)
-            file_bytes = (slmkit.save(model, Path(tmp) / key) / WEIGHTS).stat().st_size
-            sparsity = linear_sparsity(model)["total"]
-            rows.append({"key": key, "variant": label, "config": {config.name: config.to_dict()},
-                         "prune_seconds": seconds, "params": parameter_count(model), "file_bytes": file_bytes,
-                         "linear_sparsity": sparsity, "metrics": model.slmkit.metrics, **report.to_dict()})
-            print(f"{label}: ppl {report.perplexity:.3f}, {file_bytes / 1e6:.1f} MB, {seconds:.0f} s", flush=True)
+            file_bytes = (slmkit.save(model, Path(tmp) / "pruned", overwrite=True) / WEIGHTS).stat().st_size
+            row = {"key": key, "variant": label, "calibration_source": source, "config": {config.name: config.to_dict()},
+                   "prune_seconds": seconds, "params": parameter_count(model), "file_bytes": file_bytes,
+                   "linear_sparsity": linear_sparsity(model)["total"], "metrics": model.slmkit.metrics}
+            for domain, eval_config in evals.items():
+                row[domain] = slmkit.evaluate(model, reference=reference, config=eval_config).to_dict()
+            print(f"{label}: " + ", ".join(f"{d} ppl {row[d]['perplexity']:.3f}" for d in QUALITY_DOMAINS)
+                  + f", {file_bytes / 1e6:.1f} MB, {seconds:.0f} s", flush=True)
+            rows.append(row)
             del model
+            write(files, args, evals, reference, dense_bytes, merge_rows(previous, rows), keys, bool(previous),
+                  quiet=True)  # after every row: an interrupted run resumes from here
+    return write(files, args, evals, reference, dense_bytes, merge_rows(previous, rows), keys, bool(previous))
 
-    if previous:  # keep the earlier rows of the variants not re-measured, in the table's order
-        rows = sorted(merge_rows(previous, rows), key=lambda row: list(VARIANTS).index(row["key"]))
-    result = {**environment(), "model": args.model, "reference_params": parameter_count(reference),
-              "reference_file_bytes": dense_bytes,
+
+def write(files, args, evals, reference, dense_bytes: int, rows, keys, partial_update: bool, quiet: bool = False) -> int:
+    """Write (and unless ``quiet`` print) the result so far: JSON + Markdown, in the table's order."""
+    order = list(VARIANTS)
+    rows = sorted(rows, key=lambda row: order.index(row["key"]))
+    if not rows:
+        print("nothing to measure: every selected row is in the result already")
+        return 0
+    result = {**environment(), "model": args.model, "max_tokens": args.max_tokens,
+              "reference_params": parameter_count(reference), "reference_file_bytes": dense_bytes,
               "calibration": {"blocks": args.calib_blocks, "block_len": 512, "split": "calib"},
-              "evaluation": eval_config.to_dict(), "rows": rows}
-    if previous:
+              "domains": {d: {"source": s, "about": a} for d, (s, a) in QUALITY_DOMAINS.items()},
+              "evaluation": {d: c.to_dict() for d, c in evals.items()}, "rows": rows}
+    missing = [key for key in VARIANTS if key not in {row["key"] for row in rows}]
+    if missing:
+        result["not_measured"] = missing
+    if partial_update:
         result["updated_rows"] = keys  # measured by this command; the other rows by an earlier run
-    reference_ppl = rows[0]["reference_perplexity"]
-    lines = markdown_header(result, f"Pruning {args.model}: quality against the dense float32 model (one-shot, no healing)")
-    if previous:
-        lines += [f"Rows re-measured by this command: {', '.join(keys)}; the others come from the earlier run.", ""]
-    lines += [data_note(rows[0]["tokens"], eval_config, args.calib_blocks)
+    lines = markdown_header(result, f"Pruning {args.model}: quality against the dense float32 model in two domains "
+                                    "(one-shot, no healing)")
+    if partial_update:
+        lines += [f"Rows measured by this command: {', '.join(keys)}; the others come from the earlier run.", ""]
+    first = rows[0]
+    lines += [f"Calibration: {args.calib_blocks} × 512 tokens of the embedded corpus's calib split (Shakespeare and "
+              f"Milton), except \"mixed\" rows: half those, half text the model wrote itself "
+              f"(`calib_data(source=\"{MIX}\")`). " + domains_note(first)
               + " File = the checkpoint's weights file (sparse tensors stored as values + bitmask).", ""]
-    header = ["model", "perplexity", "Δ vs dense", "KL mean (nats)", "top-1 agreement", "parameters",
-              "nonzero in linears", "file", "prune time"]
-    table = [["dense float32 (reference)", f"{reference_ppl:.3f}", "—", "—", "—", f"{parameter_count(reference) / 1e6:.1f} M",
-              "100%", f"{dense_bytes / 1e6:.1f} MB", "—"]]
+    header = ["model"]
+    for domain in QUALITY_DOMAINS:
+        header += [f"ppl {domain}", "Δ", "KL", "top-1"]
+    header += ["parameters", "nonzero in linears", "file", "prune time"]
+    table = [["dense float32 (reference)"]
+             + [cell for d in QUALITY_DOMAINS for cell in (f"{first[d]['reference_perplexity']:.3f}", "—", "—", "—")]
+             + [f"{parameter_count(reference) / 1e6:.1f} M", "100%", f"{dense_bytes / 1e6:.1f} MB", "—"]]
     for row in rows:
-        table.append([row["variant"], f"{row['perplexity']:.3f}", f"{100 * (row['perplexity'] / reference_ppl - 1):+.1f}%",
-                      f"{row['kl_mean']:.4f}", f"{100 * row['top1_agreement']:.2f}%", f"{row['params'] / 1e6:.1f} M",
-                      f"{100 * (1 - row['linear_sparsity']):.0f}%", f"{row['file_bytes'] / 1e6:.1f} MB",
-                      f"{row['prune_seconds']:.0f} s"])
-    return finish(files, result, lines + markdown_table(header, table))
+        cells = [row["variant"]]
+        for domain in QUALITY_DOMAINS:
+            report = row[domain]
+            cells += [f"{report['perplexity']:.3f}", f"{100 * (report['perplexity'] / report['reference_perplexity'] - 1):+.1f}%",
+                      f"{report['kl_mean']:.4f}", f"{100 * report['top1_agreement']:.2f}%"]
+        cells += [f"{row['params'] / 1e6:.1f} M", f"{100 * (1 - row['linear_sparsity']):.0f}%",
+                  f"{row['file_bytes'] / 1e6:.1f} MB", f"{row['prune_seconds']:.0f} s"]
+        table.append(cells)
+    lines += markdown_table(header, table)
+    if missing:
+        lines += ["", f"Not measured (yet): {', '.join(missing)}."]
+    if quiet:
+        write_results(files, result, "\n".join(lines) + "\n")
+        return 0
+    return finish(files, result, lines)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -40,14 +40,14 @@ import torch
 
 import slmkit
 from slmkit import AWQConfig, EvalConfig, GPTQConfig, RTNConfig, SmoothQuantConfig
-from slmkit.bench import (environment, finish, markdown_header, markdown_table, merge_rows, previous_rows, result_files,
-                          script_parser, selected_variants, write_results)
+from slmkit.bench import (MIXED_CALIBRATION, QUALITY_DOMAINS, domains_note, environment, finish, markdown_header,
+                          markdown_table, merge_rows, previous_rows, result_files, script_parser, selected_variants,
+                          write_results)
 from slmkit.models.arch import block_linears, blocks
 
 GRID = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0]
-DOMAINS = {"shakespeare": ("embedded", "held-out works of the calibration corpus (Hamlet, Paradise Regained)"),
-           "python-docs": ("python-docs", "Python's reference documentation: modern English prose")}
-MIX = "embedded+generated"  # half the calibration blocks from the corpus, half written by the model
+DOMAINS = QUALITY_DOMAINS
+MIX = MIXED_CALIBRATION
 # key: (label, config or baseline library, calibration source)
 VARIANTS = {
     "w8a8-plain": ("W8A8, no smoothing", SmoothQuantConfig(smoothing=False), "embedded"),
@@ -289,9 +289,7 @@ def write(files, args, evals, rows, notes, keys, partial_update: bool, quiet: bo
     first = rows[0]
     lines += [f"Calibration: {args.calib_blocks} × 512 tokens of the embedded corpus's calib split (Shakespeare and "
               f"Milton), except: \"generated\" rows use {args.calib_blocks} blocks the model wrote itself, \"mixed\" "
-              f"rows half of each (`calib_data(source=\"{MIX}\")`). Held-out: "
-              + "; ".join(f"{first[d]['tokens']:,} tokens of {a} ({d})" for d, (_, a) in DOMAINS.items())
-              + ", in 1024-token windows.", ""]
+              f"rows half of each (`calib_data(source=\"{MIX}\")`). " + domains_note(first), ""]
     header = ["model", "bits/weight", "size", "time"]
     for domain in DOMAINS:
         header += [f"ppl {domain}", "Δ", "KL", "top-1"]

@@ -13,6 +13,12 @@ from typing import Any, Callable
 from slmkit._files import ensure_new, write_text_atomic
 
 
+# The held-out text of the quality comparisons: the calibration domain and another one (key: (source, about))
+QUALITY_DOMAINS = {"shakespeare": ("embedded", "held-out works of the calibration corpus (Hamlet, Paradise Regained)"),
+                   "python-docs": ("python-docs", "Python's reference documentation: modern English prose")}
+MIXED_CALIBRATION = "embedded+generated"  # half the calibration blocks from the corpus, half written by the model
+
+
 def environment() -> dict[str, Any]:
     """Date, exact command, device and library versions, for the header of every result file."""
     import torch
@@ -132,6 +138,13 @@ def quality_inputs(args: argparse.Namespace):
     eval_config = slmkit.EvalConfig(max_tokens=args.max_tokens, seq_len=1024)  # bad values fail before loading
     reference = slmkit.load_model(args.model)
     return reference, slmkit.calib_data(reference, n=args.calib_blocks, seq_len=512), eval_config
+
+
+def domains_note(row: dict[str, Any], seq_len: int = 1024) -> str:
+    """The sentence of a two-domain result saying how much held-out text of each domain a row was measured on
+    (``row[domain]`` is an evaluation report's dict, for each of :data:`QUALITY_DOMAINS`)."""
+    return ("Held-out: " + "; ".join(f"{row[d]['tokens']:,} tokens of {about} ({d})"
+                                     for d, (_, about) in QUALITY_DOMAINS.items()) + f", in {seq_len}-token windows.")
 
 
 def data_note(tokens: int, eval_config, calib_blocks: int) -> str:

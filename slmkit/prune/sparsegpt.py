@@ -33,10 +33,11 @@ class SparseGPTConfig(CalibratedSparsityConfig):
     # Pull the Hessian XᵀX this fraction of the way toward its diagonal (slmkit.calib.shrink_gram, as
     # GPTQ's and AWQ's gram_shrink): the inputs' energies stay, the correlations between inputs, which one
     # calibration domain over-fits, are damped. SparseGPT's weight update over-fits the calibration text
-    # badly. On SmolLM2 calibrated on Shakespeare (perplexity rise there / on python-docs): 2:4
-    # +116.9% / +828% with 0, +105.6% / +479% with 0.25; 50% unstructured +47.2% / +134% with 0,
-    # +49.3% / +109% with 0.25. 0 (the plain Hessian) stays the default: at 50% it costs a little on the
-    # calibration domain.
+    # badly. On SmolLM2 calibrated on Shakespeare (perplexity rise there / on python-docs, from
+    # scripts/compare_pruning.py): 2:4 +135% / +771% with 0, +124% / +464% with 0.25; 50% unstructured
+    # +53.8% / +138% with 0, +57.4% / +112% with 0.25. Mixed calibration (embedded+generated) does more for
+    # the other domain: 2:4 +143% / +347%. 0 (the plain Hessian) stays the default: at 50% it costs a
+    # little on the calibration domain.
     gram_shrink: float = 0.0
 
     def __post_init__(self):
