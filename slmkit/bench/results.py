@@ -80,10 +80,10 @@ def previous_rows(json_file: Path, update: bool, same_settings: Callable[[dict[s
     if not update:
         return []
     if not json_file.is_file():
-        raise SlmkitError(f"--update: {json_file} does not exist yet; run without --update first")
+        raise SlmkitError(f"{json_file} does not exist yet; run without --update or --resume first")
     old = json.loads(json_file.read_text())
     if not same_settings(old):
-        raise SlmkitError(f"--update: {json_file} was measured with another {settings}")
+        raise SlmkitError(f"{json_file} was measured with another {settings}; rerun all its rows (--overwrite)")
     return old["rows"]
 
 
