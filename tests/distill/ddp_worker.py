@@ -100,7 +100,7 @@ state.destroy_process_group()
 # Leave without the interpreter's teardown. Under FSDP2 something in C++ still holds the gloo process group
 # after destroy_process_group(), so its worker threads outlive the script; one that releases a finished
 # collective's tensors while the interpreter finalizes cannot take the GIL and aborts the process (-6) after
-# all the work is done (a known PyTorch race: pytorch/pytorch#190489; seen here in about 1 run of 50 on a busy CPU).
+# all the work is done (a known PyTorch race, pytorch/pytorch#190489; here 1 run in 12 to 50 on a busy CPU).
 sys.stdout.flush()
 sys.stderr.flush()
 os._exit(0)
