@@ -31,9 +31,9 @@ from pathlib import Path
 
 import slmkit
 from slmkit import DepthPruneConfig, EvalConfig, MagnitudePruneConfig, SparseGPTConfig, WandaConfig, WidthPruneConfig
-from slmkit.bench import (MIXED_CALIBRATION, QUALITY_DOMAINS, domains_note, environment, finish, markdown_header,
-                          markdown_table, merge_rows, previous_rows, result_files, script_parser, selected_variants,
-                          write_results)
+from slmkit.bench import (MIXED_CALIBRATION, QUALITY_DOMAINS, domain_cells, domain_columns, domains_note, environment,
+                          finish, markdown_header, markdown_table, merge_rows, previous_rows, reference_domain_cells,
+                          result_files, script_parser, selected_variants, write_results)
 from slmkit.eval.report import parameter_count
 from slmkit.models.checkpoint import WEIGHTS
 from slmkit.prune import linear_sparsity
@@ -90,8 +90,9 @@ def main(argv=None) -> int:
         files = result_files(args.out, "smollm2-pruning-comparison", args.overwrite or args.update or args.resume)
         previous = previous_rows(
             files[0], args.update or args.resume,
-            lambda old: (old["model"], old["calibration"]["blocks"], old["max_tokens"], list(old["domains"]))
-            == (args.model, args.calib_blocks, args.max_tokens, list(QUALITY_DOMAINS)) if "domains" in old else False,
+            lambda old: "domains" in old  # a result of the one-domain format has none
+            and (old["model"], old["calibration"]["blocks"], old["max_tokens"], list(old["domains"]))
+            == (args.model, args.calib_blocks, args.max_tokens, list(QUALITY_DOMAINS)),
             "model, calibration, evaluation length or domains")
         evals = {name: EvalConfig(source=source, max_tokens=args.max_tokens, seq_len=1024)
                  for name, (source, _) in QUALITY_DOMAINS.items()}
@@ -155,22 +156,13 @@ def write(files, args, evals, reference, dense_bytes: int, rows, keys, partial_u
               f"Milton), except \"mixed\" rows: half those, half text the model wrote itself "
               f"(`calib_data(source=\"{MIX}\")`). " + domains_note(first)
               + " File = the checkpoint's weights file (sparse tensors stored as values + bitmask).", ""]
-    header = ["model"]
-    for domain in QUALITY_DOMAINS:
-        header += [f"ppl {domain}", "Δ", "KL", "top-1"]
-    header += ["parameters", "nonzero in linears", "file", "prune time"]
-    table = [["dense float32 (reference)"]
-             + [cell for d in QUALITY_DOMAINS for cell in (f"{first[d]['reference_perplexity']:.3f}", "—", "—", "—")]
-             + [f"{parameter_count(reference) / 1e6:.1f} M", "100%", f"{dense_bytes / 1e6:.1f} MB", "—"]]
+    header = ["model", *domain_columns(), "parameters", "nonzero in linears", "file", "prune time"]
+    table = [["dense float32 (reference)", *reference_domain_cells(first),
+              f"{parameter_count(reference) / 1e6:.1f} M", "100%", f"{dense_bytes / 1e6:.1f} MB", "—"]]
     for row in rows:
-        cells = [row["variant"]]
-        for domain in QUALITY_DOMAINS:
-            report = row[domain]
-            cells += [f"{report['perplexity']:.3f}", f"{100 * (report['perplexity'] / report['reference_perplexity'] - 1):+.1f}%",
-                      f"{report['kl_mean']:.4f}", f"{100 * report['top1_agreement']:.2f}%"]
-        cells += [f"{row['params'] / 1e6:.1f} M", f"{100 * (1 - row['linear_sparsity']):.0f}%",
-                  f"{row['file_bytes'] / 1e6:.1f} MB", f"{row['prune_seconds']:.0f} s"]
-        table.append(cells)
+        table.append([row["variant"], *domain_cells(row, rise_digits=1), f"{row['params'] / 1e6:.1f} M",
+                      f"{100 * (1 - row['linear_sparsity']):.0f}%", f"{row['file_bytes'] / 1e6:.1f} MB",
+                      f"{row['prune_seconds']:.0f} s"])
     lines += markdown_table(header, table)
     if missing:
         lines += ["", f"Not measured (yet): {', '.join(missing)}."]

@@ -40,9 +40,9 @@ import torch
 
 import slmkit
 from slmkit import AWQConfig, EvalConfig, GPTQConfig, RTNConfig, SmoothQuantConfig
-from slmkit.bench import (MIXED_CALIBRATION, QUALITY_DOMAINS, domains_note, environment, finish, markdown_header,
-                          markdown_table, merge_rows, previous_rows, result_files, script_parser, selected_variants,
-                          write_results)
+from slmkit.bench import (MIXED_CALIBRATION, QUALITY_DOMAINS, domain_cells, domain_columns, domains_note, environment,
+                          finish, markdown_header, markdown_table, merge_rows, previous_rows, reference_domain_cells,
+                          result_files, script_parser, selected_variants, write_results)
 from slmkit.models.arch import block_linears, blocks
 
 GRID = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0]
@@ -290,19 +290,13 @@ def write(files, args, evals, rows, notes, keys, partial_update: bool, quiet: bo
     lines += [f"Calibration: {args.calib_blocks} × 512 tokens of the embedded corpus's calib split (Shakespeare and "
               f"Milton), except: \"generated\" rows use {args.calib_blocks} blocks the model wrote itself, \"mixed\" "
               f"rows half of each (`calib_data(source=\"{MIX}\")`). " + domains_note(first), ""]
-    header = ["model", "bits/weight", "size", "time"]
-    for domain in DOMAINS:
-        header += [f"ppl {domain}", "Δ", "KL", "top-1"]
+    header = ["model", "bits/weight", "size", "time", *domain_columns()]
     table = [["float32 (reference)", "32", f"{first['shakespeare']['reference_weight_bytes'] / 1e6:.1f} MB", "—"]
-             + [cell for d in DOMAINS for cell in (f"{first[d]['reference_perplexity']:.3f}", "—", "—", "—")]]
+             + reference_domain_cells(first)]
     for row in rows:
-        cells = [row["variant"], f"{row['bits_per_weight']:.2f}", f"{row['shakespeare']['weight_bytes'] / 1e6:.1f} MB",
-                 f"{row['quantize_seconds']:.0f} s"]
-        for domain in DOMAINS:
-            report = row[domain]
-            cells += [f"{report['perplexity']:.3f}", f"{100 * (report['perplexity'] / report['reference_perplexity'] - 1):+.2f}%",
-                      f"{report['kl_mean']:.4f}", f"{100 * report['top1_agreement']:.2f}%"]
-        table.append(cells)
+        table.append([row["variant"], f"{row['bits_per_weight']:.2f}",
+                      f"{row['shakespeare']['weight_bytes'] / 1e6:.1f} MB", f"{row['quantize_seconds']:.0f} s",
+                      *domain_cells(row)])
     lines += markdown_table(header, table)
     explained = set().union(*map(note_subjects, notes))
     unexplained = [key for key in missing if key not in explained]

@@ -147,6 +147,27 @@ def domains_note(row: dict[str, Any], seq_len: int = 1024) -> str:
                                      for d, (_, about) in QUALITY_DOMAINS.items()) + f", in {seq_len}-token windows.")
 
 
+def domain_columns() -> list[str]:
+    """Table header cells of a two-domain result: perplexity, its rise, KL and top-1 agreement per domain."""
+    return [cell for domain in QUALITY_DOMAINS for cell in (f"ppl {domain}", "Δ", "KL", "top-1")]
+
+
+def reference_domain_cells(row: dict[str, Any]) -> list[str]:
+    """The reference model's cells under :func:`domain_columns`: its perplexity in each domain."""
+    return [cell for d in QUALITY_DOMAINS for cell in (f"{row[d]['reference_perplexity']:.3f}", "—", "—", "—")]
+
+
+def domain_cells(row: dict[str, Any], rise_digits: int = 2) -> list[str]:
+    """A row's cells under :func:`domain_columns`, from its evaluation report per domain."""
+    cells = []
+    for domain in QUALITY_DOMAINS:
+        report = row[domain]
+        rise = 100 * (report["perplexity"] / report["reference_perplexity"] - 1)
+        cells += [f"{report['perplexity']:.3f}", f"{rise:+.{rise_digits}f}%", f"{report['kl_mean']:.4f}",
+                  f"{100 * report['top1_agreement']:.2f}%"]
+    return cells
+
+
 def data_note(tokens: int, eval_config, calib_blocks: int) -> str:
     """The sentence of a quality result saying which text it was calibrated and evaluated on."""
     return (f"Held-out text: {tokens:,} tokens of the embedded corpus's eval split (Hamlet, Paradise Regained) "
