@@ -30,10 +30,10 @@ import time
 from pathlib import Path
 
 import slmkit
-from slmkit import DepthPruneConfig, EvalConfig, MagnitudePruneConfig, SparseGPTConfig, WandaConfig, WidthPruneConfig
-from slmkit.bench import (MIXED_CALIBRATION, QUALITY_DOMAINS, domain_cells, domain_columns, domains_note, environment,
-                          finish, markdown_header, markdown_table, merge_rows, previous_rows, reference_domain_cells,
-                          result_files, script_parser, selected_variants, write_results)
+from slmkit import DepthPruneConfig, MagnitudePruneConfig, SparseGPTConfig, WandaConfig, WidthPruneConfig
+from slmkit.bench import (MIXED_CALIBRATION, QUALITY_DOMAINS, domain_cells, domain_columns, domain_evals,
+                          domains_note, environment, finish, markdown_header, markdown_table, merge_rows, previous_rows,
+                          reference_domain_cells, result_files, script_parser, selected_variants, write_results)
 from slmkit.eval.report import parameter_count
 from slmkit.models.checkpoint import WEIGHTS
 from slmkit.prune import linear_sparsity
@@ -94,8 +94,7 @@ def main(argv=None) -> int:
             and (old["model"], old["calibration"]["blocks"], old["max_tokens"], list(old["domains"]))
             == (args.model, args.calib_blocks, args.max_tokens, list(QUALITY_DOMAINS)),
             "model, calibration, evaluation length or domains")
-        evals = {name: EvalConfig(source=source, max_tokens=args.max_tokens, seq_len=1024)
-                 for name, (source, _) in QUALITY_DOMAINS.items()}
+        evals = domain_evals(args.max_tokens)
         reference = slmkit.load_model(args.model)
         calibrations = {"embedded": slmkit.calib_data(reference, n=args.calib_blocks, seq_len=512)}
     except slmkit.SlmkitError as error:

@@ -39,10 +39,10 @@ import time
 import torch
 
 import slmkit
-from slmkit import AWQConfig, EvalConfig, GPTQConfig, RTNConfig, SmoothQuantConfig
-from slmkit.bench import (MIXED_CALIBRATION, QUALITY_DOMAINS, domain_cells, domain_columns, domains_note, environment,
-                          finish, markdown_header, markdown_table, merge_rows, previous_rows, reference_domain_cells,
-                          result_files, script_parser, selected_variants, write_results)
+from slmkit import AWQConfig, GPTQConfig, RTNConfig, SmoothQuantConfig
+from slmkit.bench import (MIXED_CALIBRATION, QUALITY_DOMAINS, domain_cells, domain_columns, domain_evals,
+                          domains_note, environment, finish, markdown_header, markdown_table, merge_rows, previous_rows,
+                          reference_domain_cells, result_files, script_parser, selected_variants, write_results)
 from slmkit.models.arch import block_linears, blocks
 
 GRID = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0]
@@ -198,8 +198,7 @@ def main(argv=None) -> int:
             files[0], args.update or args.resume,
             lambda old: (old["model"], old["calibration"]["blocks"], old["max_tokens"]) == (args.model, args.calib_blocks, args.max_tokens),
             "model, calibration or evaluation length")
-        evals = {name: EvalConfig(source=source, max_tokens=args.max_tokens, seq_len=1024)
-                 for name, (source, _) in DOMAINS.items()}
+        evals = domain_evals(args.max_tokens)
         reference = slmkit.load_model(args.model)
         calibrations = {"embedded": slmkit.calib_data(reference, n=args.calib_blocks, seq_len=512)}
     except slmkit.SlmkitError as error:

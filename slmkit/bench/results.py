@@ -17,6 +17,7 @@ from slmkit._files import ensure_new, write_text_atomic
 QUALITY_DOMAINS = {"shakespeare": ("embedded", "held-out works of the calibration corpus (Hamlet, Paradise Regained)"),
                    "python-docs": ("python-docs", "Python's reference documentation: modern English prose")}
 MIXED_CALIBRATION = "embedded+generated"  # half the calibration blocks from the corpus, half written by the model
+QUALITY_SEQ_LEN = 1024  # evaluation window of the quality comparisons
 
 
 def environment() -> dict[str, Any]:
@@ -135,12 +136,20 @@ def quality_inputs(args: argparse.Namespace):
     ``--model``, ``--calib-blocks`` and ``--max-tokens`` of :func:`script_parser` with ``quality=True``."""
     import slmkit
 
-    eval_config = slmkit.EvalConfig(max_tokens=args.max_tokens, seq_len=1024)  # bad values fail before loading
+    eval_config = slmkit.EvalConfig(max_tokens=args.max_tokens, seq_len=QUALITY_SEQ_LEN)  # bad values fail before loading
     reference = slmkit.load_model(args.model)
     return reference, slmkit.calib_data(reference, n=args.calib_blocks, seq_len=512), eval_config
 
 
-def domains_note(row: dict[str, Any], seq_len: int = 1024) -> str:
+def domain_evals(max_tokens: int) -> dict[str, Any]:
+    """One EvalConfig per domain of :data:`QUALITY_DOMAINS` (``max_tokens`` each, in the comparisons' windows)."""
+    import slmkit
+
+    return {name: slmkit.EvalConfig(source=source, max_tokens=max_tokens, seq_len=QUALITY_SEQ_LEN)
+            for name, (source, _) in QUALITY_DOMAINS.items()}
+
+
+def domains_note(row: dict[str, Any], seq_len: int = QUALITY_SEQ_LEN) -> str:
     """The sentence of a two-domain result saying how much held-out text of each domain a row was measured on
     (``row[domain]`` is an evaluation report's dict, for each of :data:`QUALITY_DOMAINS`)."""
     return ("Held-out: " + "; ".join(f"{row[d]['tokens']:,} tokens of {about} ({d})"
