@@ -95,3 +95,28 @@ def test_two_sided_clip_search_finds_a_one_sided_outlier():
     assert error((low, high)) < 0.9 * error(one)
     with pytest.raises(ValueError, match="asymmetric"):
         groupwise.search_clip(weight, gram, 4, 32, True, 0.2, 10, two_sided=True)
+
+
+def test_symmetric_clip_search_widens_to_keep_a_positive_outlier():
+    # the symmetric scale max|w| / 7.5 rounds a positive maximum down to 7 steps (half a step short);
+    # when that weight's input is loud the search widens the range to max|w| / 7 instead of clipping
+    weight = _randn(8, 64, seed=5) * 0.1
+    weight[:, ::32] = 1.0
+    gram = torch.eye(64)
+    gram[::32, ::32] = 1e3
+    assert groupwise.symmetric_widening(4) == pytest.approx([(1 + 7.5 / 7) / 2, 7.5 / 7])
+    assert groupwise.symmetric_widening(8) == pytest.approx([(1 + 127.5 / 127) / 2, 127.5 / 127])
+    ratio = groupwise.search_clip(weight, gram, 4, 32, True, 0.2, 10)
+    assert torch.allclose(ratio, torch.full((8, 2), 7.5 / 7))
+    scale, _ = groupwise.group_params(weight, 4, 32, True, clip=ratio)
+    codes = groupwise.quantize_codes(weight, scale, None, 4, 32)
+    assert (codes[:, ::32] == 7).all()
+
+    def error(clip):
+        diff = weight - groupwise.fake_quantize(weight, 4, 32, True, clip)
+        return groupwise.group_output_errors(diff, gram, 32).sum()
+
+    assert error(ratio) < 0.1 * error(1.0)
+    # a quiet outlier is still clipped: the search never widens what it should shrink
+    gram[::32, ::32] = 1e-4
+    assert (groupwise.search_clip(weight, gram, 4, 32, True, 0.9, 10) < 1).all()
