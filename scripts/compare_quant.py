@@ -46,7 +46,6 @@ from slmkit.bench import (MIXED_CALIBRATION, QUALITY_DOMAINS, domain_cells, doma
 from slmkit.models.arch import block_linears, blocks
 
 GRID = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0]
-DOMAINS = QUALITY_DOMAINS
 MIX = MIXED_CALIBRATION
 # key: (label, config or baseline library, calibration source)
 VARIANTS = {
@@ -241,7 +240,7 @@ def main(argv=None) -> int:
             if config == "bitsandbytes" and index:  # bitsandbytes 0.50's CPU 4-bit weights break once state_dict() ran
                 model = bnb_model(str(reference.config._name_or_path), key)
             row[domain] = slmkit.evaluate(model, reference=reference, config=eval_config).to_dict()
-        print(f"{label}: " + ", ".join(f"{d} ppl {row[d]['perplexity']:.3f}" for d in DOMAINS), flush=True)
+        print(f"{label}: " + ", ".join(f"{d} ppl {row[d]['perplexity']:.3f}" for d in QUALITY_DOMAINS), flush=True)
         rows.append(row)
         del model
         write(files, args, evals, merge_rows(previous, rows), notes, keys, bool(previous), quiet=True)  # after every row
@@ -270,7 +269,7 @@ def write(files, args, evals, rows, notes, keys, partial_update: bool, quiet: bo
         return 0
     result = {**environment(), "model": args.model, "max_tokens": args.max_tokens,
               "calibration": {"blocks": args.calib_blocks, "block_len": 512, "split": "calib"},
-              "domains": {d: {"source": s, "about": a} for d, (s, a) in DOMAINS.items()},
+              "domains": {d: {"source": s, "about": a} for d, (s, a) in QUALITY_DOMAINS.items()},
               "evaluation": {d: c.to_dict() for d, c in evals.items()}, "rows": rows, "notes": notes}
     missing = [key for key in VARIANTS if key not in {row["key"] for row in rows}]
     if missing:
