@@ -42,8 +42,8 @@ class AWQConfig(ClipSearchFields, CalibratedWeightQuantConfig):
     grid: int = 20  # strengths tried per fold site: α = 0, 1/grid, ..., (grid-1)/grid
     # clip / max_shrink / clip_grid / clip_two_sided (ClipSearchFields): after scaling, a clipping ratio
     # per (row, group) (asymmetric with clip_two_sided: one per end of the range), down to
-    # 1 - max_shrink (0.2, as GPTQ; symmetric ranges may also widen so that max|w| does not clip,
-    # groupwise.symmetric_widening), by the lowest output error. The original AWQ searches down to
+    # 1 - max_shrink (0.2, as GPTQ; one-sided searches may also widen so that neither end clips,
+    # groupwise.widening), by the lowest output error. The original AWQ searches down to
     # 0.5; on SmolLM2 W4 0.2 was better in both domains at g128 and g64, symmetric and not (calibrated on
     # Shakespeare, python-docs perplexity 13.48 → 13.07 at g128 symmetric): the deeper clips fit the
     # calibration text, not the weights.

@@ -81,9 +81,10 @@ class ClipSearchFields:
     # Asymmetric only: clip the low and the high end of each range separately, each over clip_grid // 2
     # ratios, every pair tried (100 pairs at the default grid: the search takes 5x as long). Outliers are
     # often on one side of a group. On SmolLM2 W4 g128 asymmetric AWQ calibrated on Shakespeare:
-    # +14.2% / +17.7% perplexity (Shakespeare / python-docs) → +11.1% / +17.0%; with GPTQ about level
-    # (+6.3% / +15.5% → +5.9% / +15.7%). A finer grid helps a little: AWQ g128 asymmetric, mixed
-    # calibration, +12.9% / +16.2% at clip_grid 20 → +11.8% / +15.8% at 40 (400 pairs).
+    # +12.6% / +18.6% perplexity (Shakespeare / python-docs) one-sided (with its widening,
+    # groupwise.widening) → +11.1% / +17.0%; at g64 worse (+9.6% / +12.8% → +11.1% / +13.8%). A finer
+    # grid helps a little: AWQ g128 asymmetric, mixed calibration, +12.9% / +16.2% at clip_grid 20 →
+    # +11.8% / +15.8% at 40 (400 pairs; one-sided +13.1% / +16.9%).
     clip_two_sided: bool = False
 
     def clip_search(self) -> tuple[float, int, bool] | None:

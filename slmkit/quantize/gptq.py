@@ -9,8 +9,9 @@ with ``H = 2 XᵀX / n`` from the calibration inputs of the layer (:func:`slmkit
   active inputs first); the groups then stay the natural contiguous ones ("static groups", computed
   from the original weight up front), so the packed format and the kernels need no column index.
 - Clipping search (``clip``, on by default): the up-front scales (static groups, or per channel) shrink
-  (symmetric: or widen) each (row, group)'s range by the ratio whose rounding error ``tr(D H Dᵀ)`` is
-  lowest, as AWQ's clip search does, before the column walk starts.
+  each (row, group)'s range (or widen it by up to a step, where the plain range clips an end) by the
+  ratio whose rounding error ``tr(D H Dᵀ)`` is lowest, as AWQ's clip search does, before the column walk
+  starts.
 - Shrinkage (``gram_shrink``): H is first pulled toward its diagonal (:func:`slmkit.calib.shrink_gram`):
   each input's energy stays, the correlations between inputs, which one calibration domain over-fits,
   are damped (SmolLM2 W4 g64, calibrated on Shakespeare: +24% → +15% perplexity on python-docs).
@@ -49,7 +50,7 @@ class GPTQConfig(ClipSearchFields, CalibratedWeightQuantConfig):
     act_order: bool = True  # visit columns by decreasing activation energy (static groups)
     # clip / max_shrink / clip_grid / clip_two_sided (ClipSearchFields): the static group scales (act_order,
     # or per channel) come from a clipping search: per (row, group) the ratio of the range, down to
-    # 1 - max_shrink (symmetric: or widened up to the range that does not clip, groupwise.symmetric_widening),
+    # 1 - max_shrink (or widened up to the range that does not clip, groupwise.widening; not two-sided),
     # whose rounding error through the Hessian is lowest. On SmolLM2 W4 g128 it takes the perplexity rise
     # from +10.2% to +6.2% on the calibration domain and from +26.0% to +17.9% on another (python-docs;
     # scripts/compare_quant.py).

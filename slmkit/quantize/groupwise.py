@@ -9,9 +9,10 @@ signed integers in ``[-2**(bits-1), 2**(bits-1) - 1]`` and dequantize as ``(q - 
   is clipped by half a step. On SmolLM2 (W4 g64 RTN) this gives +44% perplexity instead of +59% with
   ``max|w| / 7``, which leaves code -8 unused. The clipping searches of GPTQ and AWQ pick per
   (row, group) among these two ranges, one between them and narrower ones (:func:`search_clip`,
-  :func:`symmetric_widening`);
+  :func:`widening`);
 - asymmetric: ``scale = (max(w, 0) - min(w, 0)) / (2**bits - 1)``, ``zero = round(q_min - min / scale)``,
-  so that 0 is exactly representable.
+  so that 0 is exactly representable. The rounded zero point shifts the grid by up to half a step, so
+  one end may clip by that much; the one-sided clipping searches may widen the range by up to a step.
 
 When ``group_size`` does not divide the width, the last group is partial (SmolLM2's 576 = 4·128 + 64):
 its parameters come from its real columns only. Scales are stored in float16 (what vLLM and the packed
@@ -118,16 +119,23 @@ def group_output_errors(diff: torch.Tensor, gram: torch.Tensor, group_size: int 
     return torch.stack(errors, dim=1)
 
 
-def symmetric_widening(bits: int) -> list[float]:
-    """Ratios above 1 that a symmetric clipping search also tries: halfway, and all the way, to the range
-    whose top code ``2**(bits-1) - 1`` lands exactly on max|w| (7.5 / 7 for int4), so neither end clips.
+def widening(bits: int, symmetric: bool) -> list[float]:
+    """Ratios above 1 that a one-sided clipping search also tries, because the plain range may clip:
 
-    On SmolLM2 W4 symmetric, calibrated on Shakespeare, perplexity rise (Shakespeare / python-docs): AWQ
-    g128 +23.1% / +25.0% → +20.0% / +21.9%, g64 +19.6% / +21.2% → +14.2% / +17.5%; GPTQ g64 +6.3% / +15.1%
-    → +5.7% / +13.1%, g128 +7.3% / +17.4% → +6.2% / +17.9% (``scripts/compare_quant.py``).
+    - symmetric: ``max|w| / 7.5`` (int4) leaves a positive maximum half a step short of code 7. The
+      ratios go halfway, and all the way, to the range whose top code ``2**(bits-1) - 1`` lands exactly
+      on max|w| (7.5 / 7 for int4).
+    - asymmetric: rounding the zero point shifts the grid by up to half a step, so one end may clip by
+      that much. The ratios widen the range by half a step and by a whole one (15.5 / 15, 16 / 15), the
+      latter room for any shift.
+
+    Measured on SmolLM2 W4, calibrated on Shakespeare, perplexity rise (Shakespeare / python-docs,
+    ``scripts/compare_quant.py``): symmetric AWQ g128 +23.1% / +25.0% → +20.0% / +21.9%, GPTQ g64 +6.3% /
+    +15.1% → +5.7% / +13.1%; asymmetric AWQ g64 +10.2% / +13.1% → +9.6% / +12.8%, GPTQ g64 +5.1% /
+    +11.9% → +4.6% / +10.4%, with mixed calibration +5.6% / +7.8% → +4.7% / +7.1%.
     """
     low, high = qrange(bits)
-    full = (high - low) / 2 / high
+    full = (high - low) / 2 / high if symmetric else (high - low + 1) / (high - low)
     return [(1.0 + full) / 2, full]
 
 
@@ -137,19 +145,22 @@ def search_clip(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size:
     """Clipping ratio per (row, group), (out, G), minimising each group's output error through ``gram``
     (XᵀX for AWQ's and GPTQ's searches), over ratios ``1, 1 - max_shrink/grid, ..., 1 - max_shrink·(grid-1)/grid``.
 
-    Symmetric ranges also try :func:`symmetric_widening` ratios above 1: the symmetric scale clips the
-    positive end by half a step, and a group whose largest weight is positive may do better without that.
+    It also tries the :func:`widening` ratios above 1: the plain range clips one end by up to half a step
+    (symmetric: the positive end; asymmetric: whichever the rounded zero point shifts past), and a group
+    whose clipped weight meets a loud input does better without that.
 
     ``two_sided`` (asymmetric only): a (low, high) pair of ratios per (row, group) instead, each end of the
-    range over ``max(grid // 2, 1)`` ratios from 1 down to the same depth, every pair tried.
+    range over ``max(grid // 2, 1)`` ratios from 1 down to the same depth, every pair tried. It does not
+    widen: on SmolLM2 W4 g128 AWQ (mixed calibration, 20 × 20 pairs) widened pairs were worse in both
+    domains.
     """
     if two_sided and symmetric:
         raise ValueError("a two-sided clipping search needs asymmetric quantization")
     w = weight.float()
     steps = max(grid // 2, 1) if two_sided else grid
     ratios = [1.0 - max_shrink * step / steps for step in range(steps)]
-    if symmetric:
-        ratios += symmetric_widening(bits)
+    if not two_sided:
+        ratios += widening(bits, symmetric)
     candidates = [(lo, hi) for lo in ratios for hi in ratios] if two_sided else ratios
     best_error = torch.full((w.shape[0], num_groups(w.shape[1], group_size)), float("inf"), device=w.device)
     best = torch.zeros_like(best_error, dtype=torch.long)  # index into candidates, per (row, group)
