@@ -76,6 +76,12 @@ def test_a_clipping_pair_shrinks_each_end_of_an_asymmetric_range_separately():
         groupwise.group_params(weight, 4, 32, True, clip=(0.5, 1.0))
 
 
+def _output_error(weight, gram, symmetric, clip):
+    """Total output error through ``gram`` of W4 g32 round-to-nearest with clipping ``clip``."""
+    diff = weight - groupwise.fake_quantize(weight, 4, 32, symmetric, clip)
+    return groupwise.group_output_errors(diff, gram, 32).sum()
+
+
 def test_two_sided_clip_search_finds_a_one_sided_outlier():
     # every group has one large positive outlier that costs little output error (its input is quiet):
     # the best range clips the high end and keeps the low end whole
@@ -88,11 +94,7 @@ def test_two_sided_clip_search_finds_a_one_sided_outlier():
     assert low.shape == high.shape == one.shape == (8, 2)
     assert (high < low).all()  # the outlier's end is clipped deeper than the other
 
-    def error(clip):
-        diff = weight - groupwise.fake_quantize(weight, 4, 32, False, clip)
-        return groupwise.group_output_errors(diff, gram, 32).sum()
-
-    assert error((low, high)) < 0.9 * error(one)
+    assert _output_error(weight, gram, False, (low, high)) < 0.9 * _output_error(weight, gram, False, one)
     with pytest.raises(ValueError, match="asymmetric"):
         groupwise.search_clip(weight, gram, 4, 32, True, 0.2, 10, two_sided=True)
 
@@ -112,11 +114,7 @@ def test_symmetric_clip_search_widens_to_keep_a_positive_outlier():
     codes = groupwise.quantize_codes(weight, scale, None, 4, 32)
     assert (codes[:, ::32] == 7).all()
 
-    def error(clip):
-        diff = weight - groupwise.fake_quantize(weight, 4, 32, True, clip)
-        return groupwise.group_output_errors(diff, gram, 32).sum()
-
-    assert error(ratio) < 0.1 * error(1.0)
+    assert _output_error(weight, gram, True, ratio) < 0.1 * _output_error(weight, gram, True, 1.0)
     # a quiet outlier is still clipped: the search never widens what it should shrink
     gram[::32, ::32] = 1e-4
     assert (groupwise.search_clip(weight, gram, 4, 32, True, 0.9, 10) < 1).all()
@@ -138,11 +136,7 @@ def test_asymmetric_clip_search_widens_when_the_zero_point_shifts_an_end_off_the
     ratio = groupwise.search_clip(weight, gram, 4, 32, False, 0.2, 1)
     assert torch.allclose(ratio, torch.full((4, 1), 16 / 15))
 
-    def error(clip):
-        diff = weight - groupwise.fake_quantize(weight, 4, 32, False, clip)
-        return groupwise.group_output_errors(diff, gram, 32).sum()
-
-    assert error(ratio) < 0.4 * error(1.0)
+    assert _output_error(weight, gram, False, ratio) < 0.4 * _output_error(weight, gram, False, 1.0)
     # the two-sided search does not widen
     low, high = groupwise.search_clip(weight, gram, 4, 32, False, 0.2, 1, two_sided=True)
     assert (low <= 1).all() and (high <= 1).all()
