@@ -12,7 +12,8 @@ signed integers in ``[-2**(bits-1), 2**(bits-1) - 1]`` and dequantize as ``(q - 
   :func:`widening`);
 - asymmetric: ``scale = (max(w, 0) - min(w, 0)) / (2**bits - 1)``, ``zero = round(q_min - min / scale)``,
   so that 0 is exactly representable. The rounded zero point shifts the grid by up to half a step, so
-  one end may clip by that much; the one-sided clipping searches may widen the range by up to a step.
+  one end may clip by that much; the one-sided clipping searches, and RTN by the weight error alone, may
+  widen the range by up to a step.
 
 When ``group_size`` does not divide the width, the last group is partial (SmolLM2's 576 = 4·128 + 64):
 its parameters come from its real columns only. Scales are stored in float16 (what vLLM and the packed
@@ -107,8 +108,13 @@ def fake_quantize(weight: torch.Tensor, bits: int, group_size: int | None, symme
     return dequantize(quantize_codes(weight, scale, zero, bits, group_size), scale, zero, group_size)
 
 
-def group_output_errors(diff: torch.Tensor, gram: torch.Tensor, group_size: int | None) -> torch.Tensor:
-    """Output error per (row, group), (out, G): each group's columns against its diagonal block of the Gram."""
+def group_output_errors(diff: torch.Tensor, gram: torch.Tensor | None, group_size: int | None) -> torch.Tensor:
+    """Output error per (row, group), (out, G): each group's columns against its diagonal block of the Gram.
+
+    ``gram=None`` scores the weight error itself (its squared sum per group), for data-free choices (RTN).
+    """
+    if gram is None:
+        return _grouped(diff * diff, group_size).sum(dim=2)
     width = diff.shape[1]
     size = width if group_size is None else group_size
     errors = []
@@ -139,11 +145,12 @@ def widening(bits: int, symmetric: bool) -> list[float]:
     return [(1.0 + full) / 2, full]
 
 
-def search_clip(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
+def search_clip(weight: torch.Tensor, gram: torch.Tensor | None, bits: int, group_size: int | None, symmetric: bool,
                 max_shrink: float, grid: int, two_sided: bool = False
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Clipping ratio per (row, group), (out, G), minimising each group's output error through ``gram``
-    (XᵀX for AWQ's and GPTQ's searches), over ratios ``1, 1 - max_shrink/grid, ..., 1 - max_shrink·(grid-1)/grid``.
+    (XᵀX for AWQ's and GPTQ's searches; None: the weight error itself, RTN's widening), over ratios
+    ``1, 1 - max_shrink/grid, ..., 1 - max_shrink·(grid-1)/grid``.
 
     It also tries the :func:`widening` ratios above 1: the plain range clips one end by up to half a step
     (symmetric: the positive end; asymmetric: whichever the rounded zero point shifts past), and a group

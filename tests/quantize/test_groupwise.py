@@ -140,3 +140,26 @@ def test_asymmetric_clip_search_widens_when_the_zero_point_shifts_an_end_off_the
     # the two-sided search does not widen
     low, high = groupwise.search_clip(weight, gram, 4, 32, False, 0.2, 1, two_sided=True)
     assert (low <= 1).all() and (high <= 1).all()
+
+
+def test_weight_error_search_widens_an_asymmetric_range_without_data():
+    # gram=None scores each group's own squared weight error (RTN's data-free choice). Half of each group
+    # sits on the minimum -0.3, which the rounded zero point pushes off the grid (code -8.46, clipped):
+    # widening the range costs the other half a little precision and saves that half a large error
+    weight = _randn(4, 32, seed=7).clamp(-0.3, 0.9) * 0.5
+    weight[:, 0], weight[:, 1::2] = 1.0, -0.3
+    diff = weight - groupwise.fake_quantize(weight, 4, 32, False)
+    assert torch.allclose(groupwise.group_output_errors(diff, None, 32)[:, 0], (diff * diff).sum(dim=1))
+    assert torch.allclose(groupwise.group_output_errors(diff, None, 32), groupwise.group_output_errors(
+        diff, torch.eye(32), 32))
+
+    ratio = groupwise.search_clip(weight, None, 4, 32, False, 0.0, 1)
+    assert (ratio > 1).all()
+
+    def weight_error(clip):
+        return groupwise.group_output_errors(weight - groupwise.fake_quantize(weight, 4, 32, False, clip),
+                                             None, 32)
+    candidates = [1.0] + groupwise.widening(4, False)
+    assert torch.allclose(weight_error(ratio)[:, 0], torch.stack([weight_error(c)[:, 0] for c in candidates])
+                          .amin(dim=0))
+    assert (weight_error(ratio) < 0.8 * weight_error(1.0)).all()

@@ -238,6 +238,38 @@ def test_bad_configs_fail_clearly(fields, message):
             config_class.from_dict(fields)
 
 
+def _weight_errors(model, reference) -> list[float]:
+    """Squared reconstruction error of every block linear's weight, in model order."""
+    errors = []
+    for block, ref_block in zip(blocks(model), blocks(reference)):
+        ref_linears = dict(block_linears(reference, ref_block))
+        for name, module in block_linears(model, block):
+            diff = module.dequantized_weight() - weight_out_in(ref_linears[name]).float()
+            errors.append(diff.pow(2).sum().item())
+    return errors
+
+
+def test_rtn_widens_asymmetric_ranges_by_their_weight_error_and_leaves_symmetric_ones():
+    reference = tiny_model("llama")
+    errors, codes = {}, {}
+    for symmetric in (False, True):
+        for widen in (False, True):
+            model = copy.deepcopy(reference)
+            quantize(model, RTNConfig(group_size=16, symmetric=symmetric, widen=widen))
+            assert model.slmkit.steps[-1]["rtn"]["widen"] is widen
+            errors[symmetric, widen] = _weight_errors(model, reference)
+            codes[symmetric, widen] = [m.codes() for _, m in block_linears(model, blocks(model)[0])]
+    # asymmetric: every layer at most as far from its float weight (the plain range is a candidate), and
+    # the whole model strictly closer
+    assert all(w <= p * (1 + 1e-6) for w, p in zip(errors[False, True], errors[False, False]))
+    assert sum(errors[False, True]) < 0.99 * sum(errors[False, False])
+    # symmetric: unchanged
+    assert errors[True, True] == errors[True, False]
+    assert all(torch.equal(a, b) for a, b in zip(codes[True, True], codes[True, False]))
+    with pytest.raises(ConfigError, match="widen"):
+        RTNConfig(widen="yes")
+
+
 def test_awq_weight_method_is_checked():
     with pytest.raises(ConfigError, match="weight_method must be one of"):
         AWQConfig(weight_method="hqq")
