@@ -6,10 +6,10 @@ signed integers in ``[-2**(bits-1), 2**(bits-1) - 1]`` and dequantize as ``(q - 
 
 - symmetric: ``scale = max|w| / (2**(bits-1) - 0.5)`` (half the code range, as compressed-tensors
   does), zero = 0: ±max|w| map to ±7.5 for int4, so the negative end uses code -8 and the positive end
-  is clipped by half a step. On SmolLM2 (W4 g64 RTN) this gives +44% perplexity instead of +59% with
-  ``max|w| / 7``, which leaves code -8 unused. The clipping searches of GPTQ and AWQ pick per
-  (row, group) among these two ranges, one between them and narrower ones (:func:`search_clip`,
-  :func:`widening`);
+  is clipped by half a step. On SmolLM2 (W4 g64 RTN, plain ranges) this gives +44% perplexity instead
+  of +59% with ``max|w| / 7``, which leaves code -8 unused. The clipping searches of GPTQ and AWQ pick
+  per (row, group) among these two ranges, one between them and narrower ones (:func:`search_clip`,
+  :func:`widening`); RTN among the first three, by the weight error;
 - asymmetric: ``scale = (max(w, 0) - min(w, 0)) / (2**bits - 1)``, ``zero = round(q_min - min / scale)``,
   so that 0 is exactly representable. The rounded zero point shifts the grid by up to half a step, so
   one end may clip by that much; the one-sided clipping searches, and RTN by the weight error alone, may

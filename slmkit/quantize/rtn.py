@@ -1,6 +1,6 @@
 """Round-to-nearest weight-only quantization (W8A16 / W4A16): no calibration, the baseline GPTQ and AWQ
-improve on. Each group's scale comes from its own max |w| (or min/max when asymmetric, with the range
-widened where its rounded zero point would clip an end: :attr:`RTNConfig.widen`)."""
+improve on. Each group's scale comes from its own max |w| (or min/max when asymmetric), the range widened
+where that clips an end and the weight error says so (:attr:`RTNConfig.widen`)."""
 
 from __future__ import annotations
 
@@ -21,14 +21,16 @@ class RTNConfig(WeightQuantConfig):
 
     name = "rtn"
 
-    # Asymmetric ranges only: the zero point is rounded to an integer, which shifts the grid by up to half
-    # a step, so [min, max] / 15 can clip one end. Each (row, group) then picks among its plain range and
-    # the range widened by half a step and by a whole one (groupwise.widening) by its own squared weight
+    # A range as computed clips one end by up to half a step: symmetric, max|w| / 7.5 leaves a positive
+    # maximum half a step short of code 7; asymmetric, the zero point is rounded to an integer, which
+    # shifts the grid by up to half a step. Each (row, group) picks among its plain range and the ranges
+    # widened halfway and all the way to room for that end (groupwise.widening) by its own squared weight
     # error: no data, about a second on SmolLM2. Measured there (Shakespeare / python-docs perplexity
-    # rise): g64 +27.2% / +30.3% -> +23.7% / +26.1%, g128 +29.0% / +32.2% -> +26.5% / +28.2%, KL lower
-    # in both. Symmetric ranges stay max|w| / 7.5: there the same choice lowered perplexity but raised KL
-    # on the docs (g64 +43.8% / +44.5% -> +39.1% / +43.2%, KL 0.397 -> 0.406; g128 +59.1% / +54.5% ->
-    # +52.7% / +54.4%, KL 0.489 -> 0.492). False: plain min/max ranges (llm-compressor's RTN).
+    # rise, KL): W4 g64 asymmetric +27.2% / +30.3% -> +23.7% / +26.1% (KL 0.311 / 0.286 -> 0.289 /
+    # 0.262), g128 asymmetric +29.0% / +32.2% -> +26.5% / +28.2%; W8 per channel +0.99% / +0.37% ->
+    # +0.79% / +0.23% (KL 0.0036 / 0.0029 -> 0.0032 / 0.0028); W4 symmetric: perplexity lower, KL on
+    # the docs slightly higher (g64 +43.8% / +44.5% -> +39.1% / +43.2%, KL 0.397 -> 0.406; g128 +59.1% /
+    # +54.5% -> +52.7% / +54.4%, KL 0.489 -> 0.492). False: plain ranges (as llm-compressor's RTN).
     widen: bool = True
 
     def __post_init__(self):
@@ -44,8 +46,9 @@ def rtn(model: nn.Module, config: RTNConfig) -> nn.Module:
         for name, module in block_targets(model, index, block, config.skip).items():
             weight = weight_out_in(module)
             clip = 1.0
-            if config.widen and not config.symmetric:  # [1.0] and the widened ratios, by the weight error
-                clip = search_clip(weight, None, config.bits, config.group_size, False, max_shrink=0.0, grid=1)
+            if config.widen:  # the plain range (ratio 1) and the widened ones, by the weight error
+                clip = search_clip(weight, None, config.bits, config.group_size, config.symmetric,
+                                   max_shrink=0.0, grid=1)
             scale, zero = group_params(weight, config.bits, config.group_size, config.symmetric, clip)
             codes = quantize_codes(weight, scale, zero, config.bits, config.group_size)
             replace_with_weight_only(model, index, block, name, codes, scale, zero, config)

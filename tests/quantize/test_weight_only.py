@@ -2,6 +2,7 @@
 storage, quality ordering, the GPTQ and AWQ math, checkpoints, the engine, and the errors."""
 
 import copy
+import dataclasses
 import warnings
 
 import pytest
@@ -56,7 +57,8 @@ def test_gptq_and_awq_beat_round_to_nearest_on_the_calibration_distribution():
         model = copy.deepcopy(reference)
         quantize(model, config, calib=random_tokens(16, 64, seed=3))
         errors[config.name] = _relative_logit_error(model, reference)
-    assert errors["gptq"] < 0.9 * errors["rtn"] and errors["awq"] < errors["rtn"], errors
+    # measured: GPTQ 0.063, AWQ 0.057 against RTN 0.069 with its widened ranges (0.084 with plain ones)
+    assert errors["gptq"] < 0.95 * errors["rtn"] and errors["awq"] < 0.9 * errors["rtn"], errors
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gpt2"])
@@ -249,24 +251,23 @@ def _weight_errors(model, reference) -> list[float]:
     return errors
 
 
-def test_rtn_widens_asymmetric_ranges_by_their_weight_error_and_leaves_symmetric_ones():
+@pytest.mark.parametrize("config", [RTNConfig(group_size=16, symmetric=False), RTNConfig(group_size=16),
+                                    RTNConfig(scheme="W8A16", group_size=None)], ids=["w4-asym", "w4", "w8"])
+def test_rtn_widens_ranges_by_their_weight_error(config):
     reference = tiny_model("llama")
-    errors, codes = {}, {}
-    for symmetric in (False, True):
-        for widen in (False, True):
-            model = copy.deepcopy(reference)
-            quantize(model, RTNConfig(group_size=16, symmetric=symmetric, widen=widen))
-            assert model.slmkit.steps[-1]["rtn"]["widen"] is widen
-            errors[symmetric, widen] = _weight_errors(model, reference)
-            codes[symmetric, widen] = [m.codes() for _, m in block_linears(model, blocks(model)[0])]
-    # asymmetric: every layer at most as far from its float weight (the plain range is a candidate), and
-    # the whole model strictly closer
-    assert all(w <= p * (1 + 1e-6) for w, p in zip(errors[False, True], errors[False, False]))
-    assert sum(errors[False, True]) < 0.99 * sum(errors[False, False])
-    # symmetric: unchanged
-    assert errors[True, True] == errors[True, False]
-    assert all(torch.equal(a, b) for a, b in zip(codes[True, True], codes[True, False]))
-    with pytest.raises(ConfigError, match="widen"):
+    errors = {}
+    for widen in (False, True):
+        model = copy.deepcopy(reference)
+        quantize(model, dataclasses.replace(config, widen=widen))
+        assert model.slmkit.steps[-1]["rtn"]["widen"] is widen
+        errors[widen] = _weight_errors(model, reference)
+    # every layer at most as far from its float weight (the plain range is a candidate), the model closer
+    assert all(w <= p * (1 + 1e-6) for w, p in zip(errors[True], errors[False]))
+    assert sum(errors[True]) < 0.97 * sum(errors[False])  # measured: 0.91 (w4-asym), 0.87 (w4), 0.93 (w8)
+
+
+def test_rtn_widen_is_checked():
+    with pytest.raises(ConfigError, match="widen must be bool"):
         RTNConfig(widen="yes")
 
 
