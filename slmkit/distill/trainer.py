@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.torch_version import TorchVersion
 from tqdm.auto import tqdm
 
 from slmkit._processes import process_state
@@ -238,8 +239,16 @@ def _optimizer(module: nn.Module, config: DistillConfig) -> torch.optim.Optimize
     return torch.optim.AdamW(groups, lr=config.learning_rate)
 
 
-def _check_distributed(accelerator, student: nn.Module, config: DistillConfig) -> None:
-    """Refuse, before any work, a launch configuration the trainer cannot run."""
+# FSDP2 across CPU processes (gloo) fails inside torch 2.6 ("'Stream' object has no attribute 'record_event'").
+# Measured with tests/distill/test_ddp.py: torch 2.7 and 2.8 train, and from 2.9 (with accelerate 1.13+) the
+# trained weights equal data parallelism's bit for bit.
+FSDP_CPU_MIN_TORCH = "2.7"
+
+
+def _check_distributed(accelerator, student: nn.Module, config: DistillConfig,
+                       torch_version: str = torch.__version__) -> None:
+    """Refuse, before any work, a launch configuration the trainer cannot run (``torch_version``: the
+    installed torch's, a parameter for the tests)."""
     from slmkit.models.modeling import shares_ffn
 
     kind = accelerator.distributed_type.name
@@ -257,6 +266,9 @@ def _check_distributed(accelerator, student: nn.Module, config: DistillConfig) -
     if config.optimizer == "adamw_8bit":
         raise SlmkitError("optimizer 'adamw_8bit' (bitsandbytes) does not take FSDP's sharded parameters; use "
                           "optimizer: adamw, or launch with DDP")
+    if accelerator.device.type == "cpu" and TorchVersion(torch_version) < FSDP_CPU_MIN_TORCH:
+        raise SlmkitError(f"FSDP across CPU processes needs torch >= {FSDP_CPU_MIN_TORCH} (this is {torch_version}); "
+                          "upgrade torch, or launch with DDP (recipes/accelerate/ddp.yaml)")
 
 
 class DistillTrainer:

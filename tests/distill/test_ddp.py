@@ -7,7 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from torch.torch_version import TorchVersion
 
+from slmkit.distill.trainer import FSDP_CPU_MIN_TORCH
 from tests.conftest import torchrun
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
@@ -50,14 +53,19 @@ def test_two_processes_train_in_step_and_resume(straight, tmp_path):
     assert _ranks(tmp_path / "resumed")[0]["digest"] == ranks[0]["digest"]
 
 
+@pytest.mark.skipif(TorchVersion(torch.__version__) < FSDP_CPU_MIN_TORCH,
+                    reason=f"FSDP across CPU processes needs torch >= {FSDP_CPU_MIN_TORCH} (refused: test_trainer.py)")
 def test_fsdp_shards_the_student_resumes_and_hands_back_whole_weights(straight, tmp_path):
     _torchrun(tmp_path / "fsdp", "start", 4, 29564, parallel="fsdp")
     ranks = _ranks(tmp_path / "fsdp")
     assert [r["distributed"] for r in ranks] == ["FSDP", "FSDP"]
     assert ranks[0]["plain"] and ranks[0]["zeros"] and ranks[0]["zeros_kept"] and ranks[0]["changed"]
     assert ranks[0]["tracker_finished"] and all(r["group_alive"] for r in ranks)  # the final gather needs it
-    # every process holds the whole trained student, the same weights data parallelism trains
-    assert ranks[0]["digest"] == ranks[1]["digest"] == _ranks(straight)[0]["digest"]
+    # every process holds the whole trained student, the same weights data parallelism trains (bit for bit
+    # from torch 2.9; 2.7 and 2.8, which slmkit also runs FSDP on, round the sharded reduction differently)
+    assert ranks[0]["digest"] == ranks[1]["digest"]
+    if TorchVersion(torch.__version__) >= "2.9":
+        assert ranks[0]["digest"] == _ranks(straight)[0]["digest"]
     step = tmp_path / "fsdp" / "run" / "checkpoints" / "step-00000004"
     assert (step / "pytorch_model_fsdp_0").is_dir() and (step / "optimizer_0").is_dir()  # sharded checkpoints
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 
 import pytest
@@ -269,6 +270,24 @@ def test_launch_configurations_the_trainer_cannot_run_are_refused(kind, fsdp2, s
         trainer._check_distributed(accelerator, model, DistillConfig(**{**FAST, **fields}))
     trainer._check_distributed(SimpleNamespace(distributed_type=SimpleNamespace(name="MULTI_GPU"), is_fsdp2=False),
                                model, DistillConfig(**{**FAST, **fields}))  # data parallelism takes any of them
+
+
+@pytest.mark.parametrize("device, version, refused", [
+    ("cpu", "2.6.0+cu124", True), ("cpu", "2.7.1", False), ("cpu", "2.13.0+cpu", False), ("cuda", "2.6.0", False),
+])
+def test_fsdp_on_cpu_processes_needs_a_torch_that_runs_it(device, version, refused):
+    from types import SimpleNamespace
+
+    accelerator = SimpleNamespace(distributed_type=SimpleNamespace(name="FSDP"), is_fsdp2=True,
+                                  device=torch.device(device))
+    check = lambda: trainer._check_distributed(accelerator, tiny_model("llama"), DistillConfig(**FAST),  # noqa: E731
+                                               torch_version=version)
+    if refused:
+        message = r"FSDP across CPU processes needs torch >= 2\.7 \(this is " + re.escape(version) + r"\)"
+        with pytest.raises(SlmkitError, match=message):
+            check()
+    else:
+        check()
 
 
 def test_existing_run_is_not_overwritten(tmp_path):
