@@ -18,7 +18,9 @@ Usage:
         [--only wanda-50,sparsegpt-2:4] [--update | --resume] [--out benchmarks/results/cpu] [--overwrite]
 
 The result files are rewritten after every row; ``--resume`` continues an interrupted run, ``--update``
-re-measures only the ``--only`` rows and keeps the others of the existing result.
+re-measures only the ``--only`` rows and keeps the others of the existing result. Adding rows to an existing
+result is refused when the float model here does not score its held-out text as the result recorded (another
+text, e.g. another Python's ``python-docs``, or another model).
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ from pathlib import Path
 
 import slmkit
 from slmkit import DepthPruneConfig, MagnitudePruneConfig, SparseGPTConfig, WandaConfig, WidthPruneConfig
-from slmkit.bench import (MIXED_CALIBRATION, QUALITY_DOMAINS, domain_cells, domain_columns, domain_evals,
-                          domains_note, environment, finish, markdown_header, markdown_table, merge_rows, previous_rows,
-                          reference_domain_cells, result_files, script_parser, selected_variants, write_results)
+from slmkit.bench import (MIXED_CALIBRATION, QUALITY_DOMAINS, check_same_reference, domain_cells, domain_columns,
+                          domain_evals, domains_note, environment, finish, markdown_header, markdown_table, merge_rows,
+                          previous_rows, reference_domain_cells, result_files, script_parser, selected_variants,
+                          write_results)
 from slmkit.eval.report import parameter_count
 from slmkit.models.checkpoint import WEIGHTS
 from slmkit.prune import linear_sparsity
@@ -97,6 +100,7 @@ def main(argv=None) -> int:
         evals = domain_evals(args.max_tokens)
         reference = slmkit.load_model(args.model)
         calibrations = {"embedded": slmkit.calib_data(reference, n=args.calib_blocks, seq_len=512)}
+        check_same_reference(files[0], previous, reference, evals, lambda row: row)
     except slmkit.SlmkitError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

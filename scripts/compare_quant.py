@@ -23,7 +23,9 @@ Usage:
     python scripts/compare_quant.py [--model smollm2-135m] [--calib-blocks 64] [--max-tokens 4096]
         [--only rtn-g64,gptq-g64] [--update | --resume] [--out benchmarks/results/cpu] [--overwrite]
 
-The result files are rewritten after every row; ``--resume`` continues an interrupted run.
+The result files are rewritten after every row; ``--resume`` continues an interrupted run. Adding rows to an
+existing result is refused when the float model here does not score its held-out text as the result recorded
+(another text, e.g. another Python's ``python-docs``, or another model).
 """
 
 from __future__ import annotations
@@ -40,9 +42,10 @@ import torch
 
 import slmkit
 from slmkit import AWQConfig, GPTQConfig, RTNConfig, SmoothQuantConfig
-from slmkit.bench import (MIXED_CALIBRATION, QUALITY_DOMAINS, domain_cells, domain_columns, domain_evals,
-                          domains_note, environment, finish, markdown_header, markdown_table, merge_rows, previous_rows,
-                          reference_domain_cells, result_files, script_parser, selected_variants, write_results)
+from slmkit.bench import (MIXED_CALIBRATION, QUALITY_DOMAINS, check_same_reference, domain_cells, domain_columns,
+                          domain_evals, domains_note, environment, finish, markdown_header, markdown_table, merge_rows,
+                          previous_rows, reference_domain_cells, result_files, script_parser, selected_variants,
+                          write_results)
 from slmkit.models.arch import block_linears, blocks
 
 GRID = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0]
@@ -206,6 +209,7 @@ def main(argv=None) -> int:
         evals = domain_evals(args.max_tokens)
         reference = slmkit.load_model(args.model)
         calibrations = {"embedded": slmkit.calib_data(reference, n=args.calib_blocks, seq_len=512)}
+        check_same_reference(files[0], previous, reference, evals, lambda row: row)
     except slmkit.SlmkitError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

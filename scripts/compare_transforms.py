@@ -12,6 +12,9 @@ original on held-out text before and after distillation from the original.
 Usage:
     python scripts/compare_transforms.py [--budget 0.75] [--distill-steps 40] [--only shared2-merge,...]
         [--out benchmarks/results/cpu] [--overwrite] [--update]
+
+``--update`` re-measures only the ``--only`` rows and keeps the others of the existing result; it is refused
+when the float model here does not score the held-out text as the result recorded (another text or model).
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ from pathlib import Path
 
 import slmkit
 from slmkit import DataConfig, DistillConfig, EvalConfig, LayerwiseScalingConfig, SharedFFNConfig, WidthPruneConfig
-from slmkit.bench import (data_note, environment, finish, markdown_header, markdown_table, merge_rows, previous_rows,
-                          quality_inputs, result_files, script_parser, selected_variants)
+from slmkit.bench import (check_same_reference, data_note, environment, finish, markdown_header, markdown_table,
+                          merge_rows, previous_rows, quality_inputs, result_files, script_parser, selected_variants)
 from slmkit.eval.report import parameter_count
 from slmkit.models.checkpoint import WEIGHTS
 
@@ -75,6 +78,8 @@ def main(argv=None) -> int:
             lambda old: (old["model"], old["budget"], old["distill"]["steps"]) == (args.model, args.budget, args.distill_steps),
             "model, budget or number of distillation steps")
         reference, calib, eval_config = quality_inputs(args)
+        check_same_reference(files[0], previous, reference, {"eval": eval_config},
+                             lambda row: {"eval": row["after_transform"]})
     except slmkit.SlmkitError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

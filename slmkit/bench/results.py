@@ -88,6 +88,43 @@ def previous_rows(json_file: Path, update: bool, same_settings: Callable[[dict[s
     return old["rows"]
 
 
+REFERENCE_RTOL = 1e-3  # reference perplexities closer than this are the same text (CPU kernels move the 5th digit)
+
+
+def check_same_reference(json_file: Path, previous: list[dict[str, Any]], reference, evals: dict[str, Any],
+                         reports_of: Callable[[dict[str, Any]], dict[str, dict[str, Any]]]) -> None:
+    """Refuse (SlmkitError) to add rows to ``previous`` (``--update``, ``--resume``) that would be measured
+    against another reference: other text under the same source name, or another model.
+
+    ``reference`` is evaluated alone on each of ``evals`` (name → EvalConfig); ``reports_of(row)`` gives an
+    earlier row's evaluation reports by the same names. Where both record the scored tokens' fingerprint
+    (``tokens_sha256``) they must match; the reference perplexity must match within
+    :data:`REFERENCE_RTOL`. The text a source names can change between environments (``python-docs``
+    follows the Python build), and a table whose rows used different text compares nothing.
+    """
+    import slmkit
+    from slmkit.errors import SlmkitError
+
+    if not previous:
+        return
+    for name, config in evals.items():
+        report = slmkit.evaluate(reference, config=config).to_dict()
+        for row in previous:
+            old = reports_of(row).get(name)
+            if old is None:
+                continue
+            fingerprint = old["data"].get("tokens_sha256")
+            if fingerprint is not None and fingerprint != report["data"]["tokens_sha256"]:
+                raise SlmkitError(f"{json_file}: row {row['key']!r} scored other {name} tokens than this environment "
+                                  f"gives (fingerprint {fingerprint}, here {report['data']['tokens_sha256']}); "
+                                  "rerun all its rows (--overwrite) or write elsewhere (--out)")
+            old_ppl, ppl = old["reference_perplexity"], report["perplexity"]
+            if abs(ppl / old_ppl - 1) > REFERENCE_RTOL:
+                raise SlmkitError(f"{json_file}: row {row['key']!r} was measured against a reference perplexity of "
+                                  f"{old_ppl:.3f} on {name}, this environment gives {ppl:.3f} (other text or "
+                                  "another model); rerun all its rows (--overwrite) or write elsewhere (--out)")
+
+
 def merge_rows(previous: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Earlier rows with the re-measured ones (same ``key``) replaced in place and new ones appended."""
     fresh = {row["key"]: row for row in rows}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 from typing import Callable
 
@@ -39,6 +40,13 @@ class EvalConfig(BaseConfig):
         """The DataConfig selecting the evaluation windows."""
         return DataConfig(source=self.source, split=self.split, num_blocks=self.max_tokens // self.seq_len,
                           block_len=self.seq_len, sampling="spread")
+
+
+def windows_fingerprint(windows: torch.Tensor) -> str:
+    """First 16 hex digits of the SHA-256 of the token ids ``windows`` (as int64): results whose
+    fingerprints match scored the same tokens. The text a source names can change between environments
+    (``python-docs`` follows the Python build), so reports record it."""
+    return hashlib.sha256(windows.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -136,7 +144,7 @@ def evaluate(model: nn.Module, reference: nn.Module | str | None = None, config:
         peak_memory_bytes=peak_memory_bytes(device),
         seconds=seconds,
         device=device.type,
-        data=config.to_dict(),
+        data={**config.to_dict(), "tokens_sha256": windows_fingerprint(windows)},
     )
     if reference is not None:
         kl = scores.kl.double()

@@ -56,7 +56,7 @@ class EvalReport:
     peak_memory_bytes: int  # CUDA peak allocated, or process peak RSS on CPU
     seconds: float
     device: str
-    data: dict[str, Any]  # the EvalConfig used
+    data: dict[str, Any]  # the EvalConfig used, and tokens_sha256: the fingerprint of the tokens scored
     reference_perplexity: float | None = None
     reference_weight_bytes: int | None = None
     kl_mean: float | None = None  # nats per token, KL(reference ‖ model)

@@ -33,6 +33,18 @@ def test_against_itself_and_a_perturbed_copy(text_file, smollm2_tokenizer):
     assert report.weight_bytes == report.reference_weight_bytes > 0
     assert "perplexity (reference → model)" in report.table()
     assert get_record(changed).metrics["eval"]["kl_mean"] == report.kl_mean
+    assert len(same.data["tokens_sha256"]) == 16 and report.data["tokens_sha256"] == same.data["tokens_sha256"]
+
+
+def test_fingerprint_tells_different_text_apart(tmp_path, smollm2_tokenizer):
+    model = tiny_model("llama", vocab_size=len(smollm2_tokenizer))
+    fingerprints = []
+    for text in ("one two three four " * 200, "one two three five " * 200):
+        path = tmp_path / "text.txt"
+        path.write_text(text)
+        config = slmkit.EvalConfig(source=str(path), split="all", max_tokens=64, seq_len=64)
+        fingerprints.append(slmkit.evaluate(model, config=config, tokenizer=smollm2_tokenizer).data["tokens_sha256"])
+    assert fingerprints[0] != fingerprints[1]
 
 
 def test_without_reference(text_file, smollm2_tokenizer):

@@ -1,0 +1,48 @@
+"""Result files of the benchmark scripts: adding rows to an earlier result only when it scored the same text."""
+
+import copy
+
+import pytest
+
+import slmkit
+from slmkit.bench import check_same_reference
+from slmkit.errors import SlmkitError
+from slmkit.models.record import get_record
+from tests.conftest import tiny_model
+
+
+@pytest.fixture
+def setup(tmp_path, smollm2_tokenizer):
+    model = tiny_model("llama", vocab_size=len(smollm2_tokenizer))
+    get_record(model).tokenizer = smollm2_tokenizer
+    texts = {}
+    for name, words in (("a", "one two three four "), ("b", "five six seven eight ")):
+        texts[name] = tmp_path / f"{name}.txt"
+        texts[name].write_text(words * 200)
+    config = lambda name: slmkit.EvalConfig(source=str(texts[name]), split="all", max_tokens=128, seq_len=64)  # noqa: E731
+    row = {"key": "v", "text": slmkit.evaluate(copy.deepcopy(model), reference=model, config=config("a")).to_dict()}
+    return model, config, row, tmp_path / "result.json"
+
+
+def test_rows_of_the_same_text_and_reference_are_accepted(setup):
+    model, config, row, path = setup
+    check_same_reference(path, [row], model, {"text": config("a")}, lambda r: {"text": r["text"]})
+    old_format = copy.deepcopy(row)
+    del old_format["text"]["data"]["tokens_sha256"]  # results written before fingerprints: perplexity decides
+    check_same_reference(path, [old_format], model, {"text": config("a")}, lambda r: {"text": r["text"]})
+    check_same_reference(path, [], None, {"text": config("a")}, lambda r: {"text": r["text"]})  # nothing to check
+
+
+def test_rows_of_other_text_are_refused(setup):
+    model, config, row, path = setup
+    with pytest.raises(SlmkitError, match=r"row 'v' scored other text tokens than this environment gives"):
+        check_same_reference(path, [row], model, {"text": config("b")}, lambda r: {"text": r["text"]})
+
+
+def test_rows_against_another_reference_perplexity_are_refused(setup):
+    model, config, row, path = setup
+    old_format = copy.deepcopy(row)
+    del old_format["text"]["data"]["tokens_sha256"]
+    old_format["text"]["reference_perplexity"] *= 1.01
+    with pytest.raises(SlmkitError, match=r"reference perplexity of .* on text, this environment gives"):
+        check_same_reference(path, [old_format], model, {"text": config("a")}, lambda r: {"text": r["text"]})
