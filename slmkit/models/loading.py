@@ -76,6 +76,29 @@ def _gguf_cache_dir(gguf: Path) -> Path:
     return _assets.cache_dir() / "models" / f"{gguf.stem}-{key[:12]}"
 
 
+SPECIAL_TOKEN_ROLES = ("bos", "eos", "pad", "unk")
+
+
+def align_special_tokens(tokenizer, config) -> dict[str, tuple[str | None, str]]:
+    """Set the tokenizer's bos/eos/pad/unk tokens to the ids the model config names; return what changed.
+
+    A GGUF file names them once (``tokenizer.ggml.eos_token_id`` ...), and transformers reads them into the
+    config; its tokenizer conversion does not always agree (transformers 5.17 makes SmolLM2-Instruct's eos
+    ``<|im_start|>`` and its pad none, while the file says ``<|im_end|>`` for both). The eos token ends
+    generation and separates documents in every evaluation and calibration stream, so the file decides.
+    """
+    changed = {}
+    for role in SPECIAL_TOKEN_ROLES:
+        token_id = getattr(config, f"{role}_token_id", None)
+        if not isinstance(token_id, int) or not 0 <= token_id < len(tokenizer):
+            continue
+        if getattr(tokenizer, f"{role}_token_id") != token_id:
+            token = tokenizer.convert_ids_to_tokens(token_id)
+            changed[role] = (getattr(tokenizer, f"{role}_token"), token)
+            setattr(tokenizer, f"{role}_token", token)
+    return changed
+
+
 def convert_gguf(gguf: Path, destination: Path) -> Path:
     """Dequantize a GGUF checkpoint into a float32 safetensors HF directory (atomic; cached)."""
     if (destination / "config.json").is_file():
@@ -91,6 +114,7 @@ def convert_gguf(gguf: Path, destination: Path) -> Path:
     quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    align_special_tokens(tokenizer, config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights are float now; keep transformers from refusing
     config.dtype = torch.float32
@@ -206,6 +230,9 @@ def load_model(
         elif kind == "gguf":
             location = convert_gguf(location, _gguf_cache_dir(location))
         model = _load_hub(location, dtype) if kind == "hub" else _load_hf(location, dtype)
-        attach_record(model, ModelRecord(source=str(source), tokenizer=_load_tokenizer(location)))
+        tokenizer = _load_tokenizer(location)
+        if tokenizer is not None and kind in ("embedded", "gguf"):  # also mends conversions cached before the fix
+            align_special_tokens(tokenizer, model.config)
+        attach_record(model, ModelRecord(source=str(source), tokenizer=tokenizer))
     get_spec(model)  # fail early, with the list of supported families, on unknown architectures
     return model.to(device).eval()

@@ -1,9 +1,12 @@
+import copy
+import types
+
 import pytest
 import torch
 
 import slmkit
 from slmkit.errors import SlmkitError
-from slmkit.models.loading import resolve_source
+from slmkit.models.loading import _gguf_cache_dir, align_special_tokens, resolve_source
 from tests.conftest import random_tokens, tiny_model
 
 
@@ -78,3 +81,31 @@ def test_embedded_default_loads_with_tokenizer(smollm2_path):
     assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
     assert model.slmkit.tokenizer is not None and model.slmkit.tokenizer.chat_template
     assert "quantization_config" not in model.config.to_dict()  # a plain float model, saveable
+    tokenizer = model.slmkit.tokenizer  # the GGUF file's special tokens (eos ends generation, separates documents)
+    assert (tokenizer.eos_token, tokenizer.eos_token_id, tokenizer.pad_token_id) == ("<|im_end|>", 2, 2)
+    assert model.config.eos_token_id == 2
+
+
+def test_special_tokens_follow_the_config(smollm2_tokenizer):
+    tokenizer = copy.deepcopy(smollm2_tokenizer)
+    tokenizer.eos_token, tokenizer.pad_token = "<|im_start|>", None  # what transformers 5.17 converts
+    config = types.SimpleNamespace(bos_token_id=1, eos_token_id=2, pad_token_id=2, unk_token_id=10**9)
+    changed = align_special_tokens(tokenizer, config)
+    assert changed == {"eos": ("<|im_start|>", "<|im_end|>"), "pad": (None, "<|im_end|>")}
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (1, 2, 2)
+    assert tokenizer.unk_token == smollm2_tokenizer.unk_token  # an id outside the vocabulary is left alone
+    assert align_special_tokens(tokenizer, config) == {}
+
+
+def test_a_gguf_conversion_cached_with_other_special_tokens_is_mended(tmp_path, monkeypatch, smollm2_tokenizer):
+    # a conversion cached by an older slmkit under transformers 5.17: the tokenizer files say eos <|im_start|>
+    monkeypatch.setenv("SLMKIT_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")  # never read: its conversion is already in the cache
+    cached = _gguf_cache_dir(gguf)
+    tiny_model("llama", vocab_size=len(smollm2_tokenizer), eos_token_id=2, pad_token_id=2).save_pretrained(cached)
+    stale = copy.deepcopy(smollm2_tokenizer)
+    stale.eos_token, stale.pad_token = "<|im_start|>", None
+    stale.save_pretrained(cached)
+    model = slmkit.load_model(gguf)
+    assert (model.slmkit.tokenizer.eos_token, model.slmkit.tokenizer.pad_token_id) == ("<|im_end|>", 2)
