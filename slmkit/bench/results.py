@@ -107,8 +107,14 @@ def check_same_reference(json_file: Path, previous: list[dict[str, Any]], refere
 
     if not previous:
         return
+    metrics = slmkit.models.record.get_record(reference).metrics
+    had_eval, earlier = "eval" in metrics, metrics.get("eval")
     for name, config in evals.items():
         report = slmkit.evaluate(reference, config=config).to_dict()
+        if had_eval:  # evaluate() records its report on the model: leave the reference's record as it was
+            metrics["eval"] = earlier
+        else:
+            metrics.pop("eval")
         for row in previous:
             old = reports_of(row).get(name)
             if old is None:
