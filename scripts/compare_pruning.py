@@ -19,8 +19,8 @@ Usage:
 
 The result files are rewritten after every row; ``--resume`` continues an interrupted run, ``--update``
 re-measures only the ``--only`` rows and keeps the others of the existing result. Adding rows to an existing
-result is refused when the float model here does not score its held-out text as the result recorded (another
-text, e.g. another Python's ``python-docs``, or another model).
+result is refused when the float model here does not score its held-out text as the result recorded (other
+text, e.g. another Python version's ``python-docs``, another tokenizer, or another model).
 """
 
 from __future__ import annotations

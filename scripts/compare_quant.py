@@ -25,7 +25,7 @@ Usage:
 
 The result files are rewritten after every row; ``--resume`` continues an interrupted run. Adding rows to an
 existing result is refused when the float model here does not score its held-out text as the result recorded
-(another text, e.g. another Python's ``python-docs``, or another model).
+(other text, e.g. another Python version's ``python-docs``, another tokenizer, or another model).
 """
 
 from __future__ import annotations

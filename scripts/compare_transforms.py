@@ -14,7 +14,8 @@ Usage:
         [--out benchmarks/results/cpu] [--overwrite] [--update]
 
 ``--update`` re-measures only the ``--only`` rows and keeps the others of the existing result; it is refused
-when the float model here does not score the held-out text as the result recorded (another text or model).
+when the float model here does not score the held-out text as the result recorded (other text, tokenizer or
+model).
 """
 
 from __future__ import annotations

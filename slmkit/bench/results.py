@@ -99,8 +99,9 @@ def check_same_reference(json_file: Path, previous: list[dict[str, Any]], refere
     ``reference`` is evaluated alone on each of ``evals`` (name → EvalConfig); ``reports_of(row)`` gives an
     earlier row's evaluation reports by the same names. Where both record the scored tokens' fingerprint
     (``tokens_sha256``) they must match; the reference perplexity must match within
-    :data:`REFERENCE_RTOL`. The text a source names can change between environments (``python-docs``
-    follows the Python build), and a table whose rows used different text compares nothing.
+    :data:`REFERENCE_RTOL`. The tokens a source gives can change between environments (``python-docs``
+    follows the Python version; a tokenizer converted by another transformers may separate documents with
+    another token), and a table whose rows scored different tokens compares nothing.
     """
     import slmkit
     from slmkit.errors import SlmkitError
@@ -127,8 +128,8 @@ def check_same_reference(json_file: Path, previous: list[dict[str, Any]], refere
             old_ppl, ppl = old["reference_perplexity"], report["perplexity"]
             if abs(ppl / old_ppl - 1) > REFERENCE_RTOL:
                 raise SlmkitError(f"{json_file}: row {row['key']!r} was measured against a reference perplexity of "
-                                  f"{old_ppl:.3f} on {name}, this environment gives {ppl:.3f} (other text or "
-                                  "another model); rerun all its rows (--overwrite) or write elsewhere (--out)")
+                                  f"{old_ppl:.3f} on {name}, this environment gives {ppl:.3f} (other text, "
+                                  "tokenizer or model); rerun all its rows (--overwrite) or write elsewhere (--out)")
 
 
 def merge_rows(previous: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

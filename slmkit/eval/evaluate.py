@@ -44,8 +44,9 @@ class EvalConfig(BaseConfig):
 
 def windows_fingerprint(windows: torch.Tensor) -> str:
     """First 16 hex digits of the SHA-256 of the token ids ``windows`` (as int64): results whose
-    fingerprints match scored the same tokens. The text a source names can change between environments
-    (``python-docs`` follows the Python build), so reports record it."""
+    fingerprints match scored the same tokens. What a source gives can change between environments
+    (``python-docs`` follows the Python version; another tokenizer may split or separate it otherwise), so
+    reports record it."""
     return hashlib.sha256(windows.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
