@@ -105,17 +105,20 @@ def check_same_reference(json_file: Path, previous: list[dict[str, Any]], refere
     """
     import slmkit
     from slmkit.errors import SlmkitError
+    from slmkit.models.record import get_record
 
     if not previous:
         return
-    metrics = slmkit.models.record.get_record(reference).metrics
+    metrics = get_record(reference).metrics  # evaluate() records its report there: put back what was there
     had_eval, earlier = "eval" in metrics, metrics.get("eval")
-    for name, config in evals.items():
-        report = slmkit.evaluate(reference, config=config).to_dict()
-        if had_eval:  # evaluate() records its report on the model: leave the reference's record as it was
+    try:
+        reports = {name: slmkit.evaluate(reference, config=config).to_dict() for name, config in evals.items()}
+    finally:
+        if had_eval:
             metrics["eval"] = earlier
         else:
-            metrics.pop("eval")
+            metrics.pop("eval", None)
+    for name, report in reports.items():
         for row in previous:
             old = reports_of(row).get(name)
             if old is None:
