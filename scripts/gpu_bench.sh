@@ -190,7 +190,7 @@ step_heal() {
         $PY scripts/report_distill.py "/tmp/gpu-bench/runs/$recipe" --out "$RESULTS/heal" --overwrite || status=1
         pack
     done
-    $PY scripts/bench_distill.py --batch 32 --seq-len 512 --out "$RESULTS/heal" --overwrite || status=1
+    $PY scripts/bench_distill.py --batch 32 --seq-len 512 --steps 4 --repeats 2 --out "$RESULTS/heal" --overwrite || status=1
     return $status
 }
 

@@ -20,6 +20,18 @@ MIXED_CALIBRATION = "embedded+generated"  # half the calibration blocks from the
 QUALITY_SEQ_LEN = 1024  # evaluation window of the quality comparisons
 
 
+def cpu_name(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """The CPU's model name (Linux's ``cpuinfo``), else what ``platform`` knows (often just the architecture)."""
+    try:
+        for line in Path(cpuinfo).read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment() -> dict[str, Any]:
     """Date, exact command, device and library versions, for the header of every result file."""
     import torch
@@ -38,7 +50,10 @@ def environment() -> dict[str, Any]:
     if torch.cuda.is_available():
         device = {"type": "cuda", "name": torch.cuda.get_device_name(), "cuda": torch.version.cuda}
     else:
-        device = {"type": "cpu", "name": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+        # the vector unit torch's CPU kernels use (AVX512, AVX2, ...): rounding, hence searches that pick
+        # among near-equal candidates, can differ between them on the same machine
+        capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: None)()
+        device = {"type": "cpu", "name": cpu_name(), "threads": torch.get_num_threads(), "capability": capability}
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join(["python", *sys.argv]), "device": device, "versions": versions}
 
@@ -159,7 +174,8 @@ def markdown_header(result: dict[str, Any], title: str) -> list[str]:
     """Title, date, device, versions and command lines that open every Markdown result."""
     device, versions = result["device"], result["versions"]
     return [f"# {title}", "",
-            f"{result['date']}, {device['type']} ({device['name']}), torch {versions['torch']}, "
+            f"{result['date']}, {device['type']} ({device['name']}"
+            f"{', ' + device['capability'] if device.get('capability') else ''}), torch {versions['torch']}, "
             f"triton {versions['triton']}, transformers {versions['transformers']}.", "",
             f"Command: `{result['command']}`", ""]
 

@@ -226,7 +226,20 @@ def _new_accelerator(config: DistillConfig, device: str | None, output_dir: Path
     )
 
 
-def _optimizer(module: nn.Module, config: DistillConfig) -> torch.optim.Optimizer:
+# bitsandbytes' 8-bit AdamW steps on the CPU from 0.50: 0.46 to 0.49 stop in the first step ("All input tensors
+# need to be on the same GPU"), and 0.45 does not import with a current Triton (no triton.ops). Measured on
+# 0.45.0, 0.46.0, 0.47.0, 0.48.0, 0.48.2, 0.49.0, 0.50.0 and 0.50.2.
+BNB_CPU_MIN = "0.50"
+
+
+def check_bitsandbytes(device_type: str, version: str) -> None:
+    """Refuse, before any work, a bitsandbytes whose 8-bit AdamW cannot step on ``device_type``."""
+    if device_type == "cpu" and TorchVersion(version) < BNB_CPU_MIN:
+        raise SlmkitError(f"optimizer 'adamw_8bit' on the CPU needs bitsandbytes >= {BNB_CPU_MIN} (this is "
+                          f"{version}): pip install -U bitsandbytes, or use optimizer: adamw")
+
+
+def _optimizer(module: nn.Module, config: DistillConfig, device: torch.device) -> torch.optim.Optimizer:
     decay = [p for p in module.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in module.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -235,6 +248,7 @@ def _optimizer(module: nn.Module, config: DistillConfig) -> torch.optim.Optimize
             import bitsandbytes as bnb
         except ImportError:
             raise SlmkitError("optimizer 'adamw_8bit' needs bitsandbytes: pip install 'slmkit[bnb]'") from None
+        check_bitsandbytes(device.type, bnb.__version__)
         return bnb.optim.AdamW8bit(groups, lr=config.learning_rate)
     return torch.optim.AdamW(groups, lr=config.learning_rate)
 
@@ -305,7 +319,7 @@ class DistillTrainer:
             _set_activation_checkpointing(trained, True)
         module = DistillModule(trained, self.pairs, teacher.config.hidden_size)
         pruned = {f"student.{name}" for name in pruned_weights(student)} if config.keep_sparsity else set()
-        optimizer = _optimizer(module, config)
+        optimizer = _optimizer(module, config, self.accelerator.device)
         self.scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
         loader = DataLoader(TensorDataset(train_blocks), batch_size=config.micro_batch_size, shuffle=True,
                             drop_last=True, generator=torch.Generator().manual_seed(config.seed))

@@ -47,3 +47,16 @@ def test_rows_against_another_reference_perplexity_are_refused(setup):
     old_format["text"]["reference_perplexity"] *= 1.01
     with pytest.raises(SlmkitError, match=r"reference perplexity of .* on text, this environment gives"):
         check_same_reference(path, [old_format], model, {"text": config("a")}, lambda r: {"text": r["text"]})
+
+
+def test_cpu_results_name_the_processor_and_its_vector_unit(tmp_path):
+    from slmkit.bench.results import cpu_name, environment, markdown_header
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9B14\nflags\t: avx2\n")
+    assert cpu_name(cpuinfo) == "AMD EPYC 9B14"
+    assert cpu_name(tmp_path / "missing") and cpu_name(tmp_path / "missing") != "AMD EPYC 9B14"
+    env = environment()
+    if env["device"]["type"] == "cpu":
+        assert isinstance(env["device"]["capability"], str) and env["device"]["capability"]  # e.g. AVX512
+        assert f"cpu ({env['device']['name']}, {env['device']['capability']})" in markdown_header(env, "t")[2]

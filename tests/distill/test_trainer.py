@@ -6,9 +6,11 @@ import copy
 import json
 import re
 import shutil
+import sys
 
 import pytest
 import torch
+from torch.torch_version import TorchVersion
 
 import slmkit
 from slmkit import DistillConfig
@@ -169,18 +171,30 @@ def test_resume_continues_exactly_where_it_stopped(error, saved_steps, tmp_path,
 
     # stopped in step 4's second micro-batch: Ctrl-C saves the last finished step (3); a crash leaves the
     # last periodic checkpoint (2)
+    resumed, saved = _stop_and_resume(student, teacher, config, tmp_path / "run", monkeypatch, error)
+    assert saved == f"step-{saved_steps:08d}"
+    _assert_same_training(resumed, straight, tmp_path / "run", tmp_path / "straight")
+    assert resumed.slmkit.metrics["distill"]["evals"] == straight.slmkit.metrics["distill"]["evals"]
+
+
+def _stop_and_resume(student, teacher, config, output_dir, monkeypatch, error: type[BaseException]):
+    """(student resumed to the end, name of the checkpoint it resumed from) of a run stopped by ``error`` in
+    step 4's second micro-batch."""
+    data, eval_data = _data()
     _interrupt_at(monkeypatch, step=4, micro_batch=2, error=error)
     with pytest.raises(error):
-        slmkit.distill(copy.deepcopy(student), teacher, config, data, eval_data, tmp_path / "run")
-    assert trainer.checkpoint_dirs(tmp_path / "run")[-1].name == f"step-{saved_steps:08d}"
+        slmkit.distill(copy.deepcopy(student), teacher, config, data, eval_data, output_dir)
+    saved = trainer.checkpoint_dirs(output_dir)[-1].name
     monkeypatch.undo()
-    resumed = slmkit.distill(copy.deepcopy(student), teacher, config, data, eval_data, tmp_path / "run", resume=True)
+    return slmkit.distill(copy.deepcopy(student), teacher, config, data, eval_data, output_dir, resume=True), saved
 
+
+def _assert_same_training(resumed, straight, resumed_dir, straight_dir) -> None:
+    """The resumed run ended with the uninterrupted run's weights, bit for bit, and logged the same."""
     expected = _state(straight)
     for name, tensor in _state(resumed).items():
         torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0, msg=name)
-    assert _log(tmp_path / "run") == _log(tmp_path / "straight")
-    assert resumed.slmkit.metrics["distill"]["evals"] == straight.slmkit.metrics["distill"]["evals"]
+    assert _log(resumed_dir) == _log(straight_dir)
 
 
 def test_resume_ignores_a_half_written_checkpoint_and_keeps_only_recent_ones(tmp_path, monkeypatch):
@@ -306,16 +320,51 @@ def test_quantized_student_is_refused():
         slmkit.distill(student, teacher, DistillConfig(**FAST), data, eval_data)
 
 
-def test_8bit_adamw_needs_bitsandbytes():
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        student, teacher = _pair()
-        data, eval_data = _data()
-        with pytest.raises(SlmkitError, match="pip install 'slmkit\\[bnb\\]'"):
-            slmkit.distill(student, teacher, DistillConfig(**FAST, optimizer="adamw_8bit"), data, eval_data)
+def test_8bit_adamw_needs_bitsandbytes(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed: importing it fails
+    student, teacher = _pair()
+    data, eval_data = _data()
+    with pytest.raises(SlmkitError, match="pip install 'slmkit\\[bnb\\]'"):
+        slmkit.distill(student, teacher, DistillConfig(**FAST, optimizer="adamw_8bit"), data, eval_data)
+
+
+@pytest.mark.parametrize("device, version, refused", [
+    ("cpu", "0.49.2", True), ("cpu", "0.50.0", False), ("cpu", "0.50.2", False), ("cuda", "0.46.0", False)])
+def test_8bit_adamw_on_the_cpu_needs_a_bitsandbytes_that_steps_there(device, version, refused):
+    if refused:
+        with pytest.raises(SlmkitError, match=f"needs bitsandbytes >= 0.50 \\(this is {version}\\)"):
+            trainer.check_bitsandbytes(device, version)
     else:
-        pytest.skip("bitsandbytes is installed; its optimizer is exercised on GPU")
+        trainer.check_bitsandbytes(device, version)
+
+
+def _first_moment_dtypes(state) -> set[torch.dtype]:
+    """The dtypes of the first moments (``state1``) anywhere in an optimizer state (bitsandbytes nests its
+    quantized ones under a key of its own)."""
+    if isinstance(state, dict):
+        found = {state["state1"].dtype} if isinstance(state.get("state1"), torch.Tensor) else set()
+        return found.union(*(_first_moment_dtypes(value) for value in state.values()))
+    if isinstance(state, (list, tuple)):
+        return set().union(*(_first_moment_dtypes(value) for value in state))
+    return set()
+
+
+def test_8bit_adamw_trains_and_resumes_exactly(tmp_path, monkeypatch):
+    bnb = pytest.importorskip("bitsandbytes", reason="the 8-bit optimizer is optional (pip install 'slmkit[bnb]')")
+    if TorchVersion(bnb.__version__) < trainer.BNB_CPU_MIN:
+        pytest.skip(f"bitsandbytes {bnb.__version__} has no CPU 8-bit AdamW")
+    data, eval_data = _data()
+    config = DistillConfig(**{**RESUME, "optimizer": "adamw_8bit", "learning_rate": 3e-3})
+    student, teacher = _pair()
+    straight = slmkit.distill(copy.deepcopy(student), teacher, config, data, eval_data, tmp_path / "straight")
+    curve = _kl_curve(straight)
+    assert curve[-1] < 0.95 * curve[0]
+    # the moments of the matrices are stored in 8 bits (bitsandbytes keeps tensors under 4,096 values in 32)
+    state = torch.load(trainer.checkpoint_dirs(tmp_path / "straight")[-1] / "optimizer.bin", weights_only=False)
+    assert _first_moment_dtypes(state["state"]) == {torch.uint8, torch.float32}
+
+    resumed, _ = _stop_and_resume(student, teacher, config, tmp_path / "run", monkeypatch, RuntimeError)
+    _assert_same_training(resumed, straight, tmp_path / "run", tmp_path / "straight")
 
 
 @pytest.mark.parametrize("fields, message", [
