@@ -36,6 +36,10 @@ class BaseConfig:
         """Return the fields as a plain dict (JSON/YAML friendly)."""
         return dataclasses.asdict(self)
 
+    def check_environment(self, device: str) -> None:
+        """Raise SlmkitError if this machine cannot run the step on ``device`` (an optional package missing
+        or too old). Recipes call it for every step before any work; nothing to check by default."""
+
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, where: str = "") -> "BaseConfig":
         """Build the config from a dict, failing on unknown keys with the list of allowed ones."""

@@ -303,6 +303,8 @@ def run_recipe(recipe: Recipe | str | os.PathLike, output: str | os.PathLike | N
     done = _resume_point(partial, recipe, overwrite) if partial is not None else 0
     seconds: dict[str, float] = {}
     calib_texts = _check_texts(recipe)
+    for step in recipe.steps:  # optional packages a later step needs: fail before the first step's work
+        step.check_environment(device)
 
     start = time.perf_counter()
     if done:

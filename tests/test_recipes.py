@@ -319,6 +319,26 @@ def _distill_recipe(model_dir, text):
     return Recipe.from_dict(data)
 
 
+@pytest.mark.parametrize("installed, message", [(None, "pip install 'slmkit\\[bnb\\]'"),
+                                                ("0.49.0", "needs bitsandbytes >= 0.50 \\(this is 0.49.0\\)")])
+def test_a_missing_or_old_optional_package_fails_before_the_first_step(tiny_dir, tmp_path, monkeypatch, installed,
+                                                                      message):
+    import sys
+    import types
+
+    model_dir, text = tiny_dir
+    recipe = _distill_recipe(model_dir, text)
+    recipe.steps[1].optimizer = "adamw_8bit"
+    # bitsandbytes as not installed (None in sys.modules fails its import), or as an old version
+    monkeypatch.setitem(sys.modules, "bitsandbytes", installed and types.SimpleNamespace(__version__=installed))
+    ran = []
+    monkeypatch.setattr(slmkit.recipes, "apply_step", lambda model, step, *args, **kwargs: ran.append(step.name))
+    with pytest.raises(SlmkitError, match=message):
+        run_recipe(recipe, output=tmp_path / "out")
+    assert ran == []  # the width step did not run first
+    assert not (tmp_path / "out").exists()
+
+
 def test_prune_then_distill_recipe_resumes_inside_the_distillation(tiny_dir, tmp_path, monkeypatch):
     from slmkit.distill import trainer
 

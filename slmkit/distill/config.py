@@ -75,6 +75,13 @@ class DistillConfig(BaseConfig):
     save_every: int = 50  # checkpoint every N steps (needs an output directory)
     keep_checkpoints: int = 2  # how many recent checkpoints to keep
 
+    def check_environment(self, device: str) -> None:
+        """The 8-bit optimizer needs bitsandbytes, and on the CPU one whose 8-bit AdamW steps there."""
+        if self.optimizer == "adamw_8bit":
+            from slmkit.distill.trainer import check_bitsandbytes, import_bitsandbytes
+
+            check_bitsandbytes(device.split(":")[0], import_bitsandbytes().__version__)
+
     def __post_init__(self):
         check_choice("loss", self.loss, LOSSES)
         check_range("temperature", self.temperature, 1e-3, 100.0)

@@ -240,7 +240,7 @@ def check_bitsandbytes(device_type: str, version: str) -> None:
                           f"{version}): pip install -U bitsandbytes, or use optimizer: adamw")
 
 
-def _import_bitsandbytes():
+def import_bitsandbytes():
     """bitsandbytes, imported without its CPU backend's warning that it could not fetch a 4-bit matmul kernel
     from the Hugging Face hub (offline, or an untrusted repository): the optimizer does not use it."""
     logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
@@ -260,7 +260,7 @@ def _optimizer(module: nn.Module, config: DistillConfig, device: torch.device) -
     no_decay = [p for p in module.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if config.optimizer == "adamw_8bit":
-        bnb = _import_bitsandbytes()
+        bnb = import_bitsandbytes()
         check_bitsandbytes(device.type, bnb.__version__)
         return bnb.optim.AdamW8bit(groups, lr=config.learning_rate)
     return torch.optim.AdamW(groups, lr=config.learning_rate)
