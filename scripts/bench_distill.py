@@ -21,7 +21,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from torch.torch_version import TorchVersion
 
 import slmkit
 from slmkit.bench import environment, finish, markdown_header, markdown_table, result_files, script_parser
@@ -37,14 +36,22 @@ def bitsandbytes_version() -> str | None:
         return None
 
 
-def variants(cuda: bool, bnb_version: str | None = None) -> list[tuple[str, dict]]:
-    """(label, DistillConfig fields) of the settings compared; the 8-bit AdamW row where ``bnb_version``
-    (bitsandbytes) runs it."""
+def eight_bit_adamw_runs(device: str) -> bool:
+    """Whether the 8-bit AdamW (bitsandbytes, a version that steps on ``device``) is available here."""
+    try:
+        slmkit.DistillConfig(optimizer="adamw_8bit").check_environment(device)
+    except SlmkitError:
+        return False
+    return True
+
+
+def variants(cuda: bool, eight_bit: bool = False) -> list[tuple[str, dict]]:
+    """(label, DistillConfig fields) of the settings compared; with ``eight_bit``, bitsandbytes' 8-bit AdamW too."""
     rows = [("forward KL, full vocabulary (fused)", {}),
             ("forward KL, teacher top-64", {"top_k": 64}),
             ("JSD (autograd path)", {"loss": "jsd"}),
             ("forward KL + gradient checkpointing", {"gradient_checkpointing": True})]
-    if bnb_version and (cuda or TorchVersion(bnb_version) >= trainer.BNB_CPU_MIN):
+    if eight_bit:
         rows.append(("forward KL, 8-bit AdamW (bitsandbytes)", {"optimizer": "adamw_8bit"}))
     if cuda:
         rows = [(f"{label}, bf16", {**fields, "mixed_precision": "bf16"}) for label, fields in rows]
@@ -96,7 +103,8 @@ def main(argv=None) -> int:
     slmkit.prune(pruned, slmkit.WidthPruneConfig(ffn=0.25), calib=calib[:32])
     eval_data = calib[:1]
     bnb_version = bitsandbytes_version()
-    settings = variants(cuda, bnb_version)
+    eight_bit = eight_bit_adamw_runs("cuda" if cuda else "cpu")
+    settings = variants(cuda, eight_bit)
     runs: dict[str, list[dict]] = {label: [] for label, _ in settings}
     for _ in range(args.repeats):
         for label, fields in settings:
@@ -121,8 +129,9 @@ def main(argv=None) -> int:
              f"{m['peak_memory_bytes'] / 2**30:.2f} GiB" if m["peak_memory_bytes"] else "—"] for m in measured]
     lines += markdown_table(["setting", "tokens/s (each run)", "vs first row", "optimizer state", "peak GPU memory"],
                             rows)
-    if bnb_version is None:
-        lines += ["", "bitsandbytes is not installed: no 8-bit AdamW row (pip install 'slmkit[bnb]')."]
+    if not eight_bit:
+        lines += ["", f"No 8-bit AdamW row: bitsandbytes {bnb_version or 'is not installed'} "
+                      f"(pip install -U 'slmkit[bnb]'; on the CPU it needs {trainer.BNB_CPU_MIN} or later)."]
     return finish(files, result, lines)
 
 

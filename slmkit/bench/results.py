@@ -52,8 +52,8 @@ def environment() -> dict[str, Any]:
     else:
         # the vector unit torch's CPU kernels use (AVX512, AVX2, ...): rounding, hence searches that pick
         # among near-equal candidates, can differ between them on the same machine
-        capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: None)()
-        device = {"type": "cpu", "name": cpu_name(), "threads": torch.get_num_threads(), "capability": capability}
+        device = {"type": "cpu", "name": cpu_name(), "threads": torch.get_num_threads(),
+                  "capability": torch.backends.cpu.get_cpu_capability()}
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join(["python", *sys.argv]), "device": device, "versions": versions}
 

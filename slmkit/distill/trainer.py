@@ -260,9 +260,8 @@ def _optimizer(module: nn.Module, config: DistillConfig, device: torch.device) -
     no_decay = [p for p in module.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if config.optimizer == "adamw_8bit":
-        bnb = import_bitsandbytes()
-        check_bitsandbytes(device.type, bnb.__version__)
-        return bnb.optim.AdamW8bit(groups, lr=config.learning_rate)
+        config.check_environment(device.type)  # bitsandbytes installed, and one that steps on this device
+        return import_bitsandbytes().optim.AdamW8bit(groups, lr=config.learning_rate)
     return torch.optim.AdamW(groups, lr=config.learning_rate)
 
 
