@@ -179,21 +179,31 @@ def _load_hf(location, dtype: torch.dtype) -> nn.Module:
     return AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
 
 
+def hub_failure(repo_id: str, error: OSError) -> str:
+    """Why transformers could not load ``repo_id`` from the hub, in words, from the hub error it wraps:
+    a gated or missing repository, or no connection (with the setting that skips the hub's retries)."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    cause = error.__cause__
+    if isinstance(cause, GatedRepoError):
+        return (f"it is a gated repository: request access at https://huggingface.co/{repo_id} and log in "
+                "(hf auth login), or pass a local path")
+    if isinstance(cause, RepositoryNotFoundError):
+        return ("the hub has no such model (or it is private: log in with hf auth login); check the id, "
+                "or pass a local path")
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false"):
+        return "HF_HUB_OFFLINE is set and it is not in the local cache; download it where the hub is reachable"
+    return ("not in the local cache and the hub could not be reached (offline?); download it where the hub is "
+            "reachable or pass a local path (HF_HUB_OFFLINE=1 skips the hub's retries)")
+
+
 def _load_hub(repo_id: str, dtype: torch.dtype) -> nn.Module:
     try:
         return _load_hf(repo_id, dtype)
     except OSError as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-        hint = (
-            "HF_HUB_OFFLINE is set and it is not in the local cache"
-            if offline
-            else "not in the local cache and the hub could not be reached (offline?)"
-        )
-        raise SlmkitError(
-            f"could not load {repo_id!r} from the Hugging Face hub: {hint}; "
-            f"download it where the hub is reachable or pass a local path ({first})"
-        ) from None
+        raise SlmkitError(f"could not load {repo_id!r} from the Hugging Face hub: {hub_failure(repo_id, error)} "
+                          f"({first})") from None
 
 
 def load_model(

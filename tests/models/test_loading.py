@@ -109,3 +109,31 @@ def test_a_gguf_conversion_cached_with_other_special_tokens_is_mended(tmp_path, 
     stale.save_pretrained(cached)
     model = slmkit.load_model(gguf)
     assert (model.slmkit.tokenizer.eos_token, model.slmkit.tokenizer.pad_token_id) == ("<|im_end|>", 2)
+
+
+@pytest.mark.parametrize("cause, expected", [
+    ("RepositoryNotFoundError", "the hub has no such model (or it is private"),
+    ("GatedRepoError", "it is a gated repository: request access at https://huggingface.co/someone/model"),
+    ("LocalEntryNotFoundError", "not in the local cache and the hub could not be reached (offline?); download it "
+                                "where the hub is reachable or pass a local path (HF_HUB_OFFLINE=1 skips the hub's "
+                                "retries)"),
+])
+def test_hub_failures_say_why(monkeypatch, cause, expected):
+    from huggingface_hub import errors
+
+    from slmkit.models import loading
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    response = types.SimpleNamespace(headers={}, request=None)
+    hub_error = (errors.LocalEntryNotFoundError("no connection") if cause == "LocalEntryNotFoundError"
+                 else getattr(errors, cause)("404", response=response))
+
+    def fail(location, dtype):  # what transformers raises: an OSError wrapping the hub's error
+        raise OSError("transformers' own words\nmore lines") from hub_error
+
+    monkeypatch.setattr(loading, "_load_hf", fail)
+    with pytest.raises(SlmkitError) as raised:
+        loading._load_hub("someone/model", torch.float32)
+    message = str(raised.value)
+    assert message.startswith("could not load 'someone/model' from the Hugging Face hub: " + expected)
+    assert message.endswith("(transformers' own words)")
