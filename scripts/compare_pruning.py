@@ -34,9 +34,9 @@ from pathlib import Path
 import slmkit
 from slmkit import DepthPruneConfig, MagnitudePruneConfig, SparseGPTConfig, WandaConfig, WidthPruneConfig
 from slmkit.bench import (MIXED_CALIBRATION, QUALITY_DOMAINS, check_same_reference, domain_cells, domain_columns,
-                          domain_evals, domains_note, environment, finish, markdown_header, markdown_table, merge_rows,
-                          previous_rows, reference_domain_cells, result_files, script_parser, selected_variants,
-                          write_results)
+                          domain_evals, domains_note, environment, finish, markdown_header, markdown_runs,
+                          markdown_table, merge_rows, previous_rows, reference_domain_cells, result_files, run_record,
+                          script_parser, selected_variants, write_results)
 from slmkit.eval.report import parameter_count
 from slmkit.models.checkpoint import WEIGHTS
 from slmkit.prune import linear_sparsity
@@ -93,14 +93,16 @@ def main(argv=None) -> int:
         files = result_files(args.out, "smollm2-pruning-comparison", args.overwrite or args.update or args.resume)
         previous = previous_rows(
             files[0], args.update or args.resume,
-            lambda old: "domains" in old  # a result of the one-domain format has none
-            and (old["model"], old["calibration"]["blocks"], old["max_tokens"], list(old["domains"]))
-            == (args.model, args.calib_blocks, args.max_tokens, list(QUALITY_DOMAINS)),
-            "model, calibration, evaluation length or domains")
+            {"--model": args.model, "--calib-blocks": args.calib_blocks, "--max-tokens": args.max_tokens,
+             "domains": ", ".join(QUALITY_DOMAINS)},
+            lambda old: {"--model": old["model"], "--calib-blocks": old["calibration"]["blocks"],
+                         "--max-tokens": old["max_tokens"],
+                         "domains": ", ".join(old.get("domains", ["shakespeare"]))})  # the one-domain format had none
         evals = domain_evals(args.max_tokens)
         reference = slmkit.load_model(args.model)
         calibrations = {"embedded": slmkit.calib_data(reference, n=args.calib_blocks, seq_len=512)}
         check_same_reference(files[0], previous, reference, evals, lambda row: row)
+        run = run_record(environment())  # each new row records the run that measured it
     except slmkit.SlmkitError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -121,7 +123,8 @@ def main(argv=None) -> int:
             file_bytes = (slmkit.save(model, Path(tmp) / "pruned", overwrite=True) / WEIGHTS).stat().st_size
             row = {"key": key, "variant": label, "calibration_source": source, "config": {config.name: config.to_dict()},
                    "prune_seconds": seconds, "params": parameter_count(model), "file_bytes": file_bytes,
-                   "linear_sparsity": linear_sparsity(model)["total"], "metrics": model.slmkit.metrics}
+                   "linear_sparsity": linear_sparsity(model)["total"], "metrics": model.slmkit.metrics,
+                   "measured": run}
             for domain, eval_config in evals.items():
                 row[domain] = slmkit.evaluate(model, reference=reference, config=eval_config).to_dict()
             print(f"{label}: " + ", ".join(f"{d} ppl {row[d]['perplexity']:.3f}" for d in QUALITY_DOMAINS)
@@ -153,7 +156,8 @@ def write(files, args, evals, reference, dense_bytes: int, rows, keys, partial_u
     lines = markdown_header(result, f"Pruning {args.model}: quality against the dense float32 model in two domains "
                                     "(one-shot, no healing)")
     if partial_update:
-        lines += [f"Rows measured by this command: {', '.join(keys)}; the others come from the earlier run.", ""]
+        lines += [f"Rows measured by this command: {', '.join(keys)}; the others come from earlier runs.", ""]
+    lines += markdown_runs(rows, result)
     first = rows[0]
     lines += [f"Calibration: {args.calib_blocks} × 512 tokens of the embedded corpus's calib split (Shakespeare and "
               f"Milton), except \"mixed\" rows: half those, half text the model wrote itself "

@@ -43,9 +43,9 @@ import torch
 import slmkit
 from slmkit import AWQConfig, GPTQConfig, RTNConfig, SmoothQuantConfig
 from slmkit.bench import (MIXED_CALIBRATION, QUALITY_DOMAINS, check_same_reference, domain_cells, domain_columns,
-                          domain_evals, domains_note, environment, finish, markdown_header, markdown_table, merge_rows,
-                          previous_rows, reference_domain_cells, result_files, script_parser, selected_variants,
-                          write_results)
+                          domain_evals, domains_note, environment, finish, markdown_header, markdown_runs,
+                          markdown_table, merge_rows, previous_rows, reference_domain_cells, result_files, run_record,
+                          script_parser, selected_variants, write_results)
 from slmkit.models.arch import block_linears, blocks
 
 GRID = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0]
@@ -79,6 +79,9 @@ VARIANTS = {
     "gptq-g64-generated": ("W4A16 g64 GPTQ, calibrated on generated text", GPTQConfig(group_size=64), "generated"),
     "awq-g64": ("W4A16 g64 AWQ", AWQConfig(group_size=64), "embedded"),
     "awq-g64-mix": ("W4A16 g64 AWQ, mixed calibration", AWQConfig(group_size=64), MIX),
+    "rtn-g32": ("W4A16 g32 RTN", RTNConfig(group_size=32), "embedded"),
+    "gptq-g32": ("W4A16 g32 GPTQ", GPTQConfig(group_size=32), "embedded"),
+    "awq-g32": ("W4A16 g32 AWQ", AWQConfig(group_size=32), "embedded"),
     "rtn-g128-asym": ("W4A16 g128 RTN, asymmetric", RTNConfig(group_size=128, symmetric=False), "embedded"),
     "rtn-g128-asym-minmax": ("W4A16 g128 RTN, asymmetric, plain min/max ranges",
                             RTNConfig(group_size=128, symmetric=False, widen=False), "embedded"),
@@ -204,12 +207,14 @@ def main(argv=None) -> int:
         files = result_files(args.out, "smollm2-quantization-comparison", args.overwrite or args.update or args.resume)
         previous = previous_rows(
             files[0], args.update or args.resume,
-            lambda old: (old["model"], old["calibration"]["blocks"], old["max_tokens"]) == (args.model, args.calib_blocks, args.max_tokens),
-            "model, calibration or evaluation length")
+            {"--model": args.model, "--calib-blocks": args.calib_blocks, "--max-tokens": args.max_tokens},
+            lambda old: {"--model": old["model"], "--calib-blocks": old["calibration"]["blocks"],
+                         "--max-tokens": old["max_tokens"]})
         evals = domain_evals(args.max_tokens)
         reference = slmkit.load_model(args.model)
         calibrations = {"embedded": slmkit.calib_data(reference, n=args.calib_blocks, seq_len=512)}
         check_same_reference(files[0], previous, reference, evals, lambda row: row)
+        run = run_record(run_environment())  # each new row records the run that measured it
     except slmkit.SlmkitError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -245,7 +250,7 @@ def main(argv=None) -> int:
         seconds = time.perf_counter() - start
         row = {"key": key, "variant": label, "calibration_source": source,
                "config": {"baseline": config} if isinstance(config, str) else {config.name: config.to_dict()},
-               "quantize_seconds": seconds, "bits_per_weight": linear_bits_per_weight(model)}
+               "quantize_seconds": seconds, "bits_per_weight": linear_bits_per_weight(model), "measured": run}
         for index, (domain, eval_config) in enumerate(evals.items()):
             if config == "bitsandbytes" and index:  # bitsandbytes 0.50's CPU 4-bit weights break once state_dict() ran
                 model = bnb_model(str(reference.config._name_or_path), key)
@@ -271,13 +276,27 @@ def earlier_notes(json_file, keys: list[str]) -> list[str]:
     return [note for note in json.loads(json_file.read_text()).get("notes", []) if not note_subjects(note) & set(keys)]
 
 
+BASELINES = ("bitsandbytes", "llmcompressor", "compressed-tensors")  # the other libraries whose version a row records
+
+
+def run_environment() -> dict:
+    """:func:`slmkit.bench.environment` with the versions of the installed baseline libraries."""
+    env = environment()
+    for package in BASELINES:
+        try:
+            env["versions"][package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return env
+
+
 def write(files, args, evals, rows, notes, keys, partial_update: bool, quiet: bool = False) -> int:
     """Write (and unless ``quiet`` print) the result so far: JSON + Markdown, in the table's order."""
     order = list(VARIANTS)
     rows = sorted(rows, key=lambda row: order.index(row["key"]))
     if not rows:
         return 0
-    result = {**environment(), "model": args.model, "max_tokens": args.max_tokens,
+    result = {**run_environment(), "model": args.model, "max_tokens": args.max_tokens,
               "calibration": {"blocks": args.calib_blocks, "block_len": 512, "split": "calib"},
               "domains": {d: {"source": s, "about": a} for d, (s, a) in QUALITY_DOMAINS.items()},
               "evaluation": {d: c.to_dict() for d, c in evals.items()}, "rows": rows, "notes": notes}
@@ -286,18 +305,13 @@ def write(files, args, evals, rows, notes, keys, partial_update: bool, quiet: bo
         result["not_measured"] = missing
     if partial_update:
         result["updated_rows"] = keys
-    baselines = {}
-    for package in ("bitsandbytes", "llmcompressor", "compressed-tensors"):
-        try:
-            baselines[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    result["versions"].update(baselines)
+    baselines = {name: result["versions"][name] for name in BASELINES if name in result["versions"]}
     lines = markdown_header(result, f"Quantization of {args.model}: quality against the float32 model in two domains")
     if baselines:
         lines += ["Baseline libraries: " + ", ".join(f"{name} {version}" for name, version in baselines.items()) + ".", ""]
     if partial_update:
-        lines += [f"Rows measured by this command: {', '.join(keys)}; the others come from the earlier run.", ""]
+        lines += [f"Rows measured by this command: {', '.join(keys)}; the others come from earlier runs.", ""]
+    lines += markdown_runs(rows, result)
     first = rows[0]
     lines += [f"Calibration: {args.calib_blocks} × 512 tokens of the embedded corpus's calib split (Shakespeare and "
               f"Milton), except: \"generated\" rows use {args.calib_blocks} blocks the model wrote itself, \"mixed\" "

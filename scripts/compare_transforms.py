@@ -28,8 +28,9 @@ from pathlib import Path
 
 import slmkit
 from slmkit import DataConfig, DistillConfig, EvalConfig, LayerwiseScalingConfig, SharedFFNConfig, WidthPruneConfig
-from slmkit.bench import (check_same_reference, data_note, environment, finish, markdown_header, markdown_table,
-                          merge_rows, previous_rows, quality_inputs, result_files, script_parser, selected_variants)
+from slmkit.bench import (check_same_reference, data_note, environment, finish, markdown_header, markdown_runs,
+                          markdown_table, merge_rows, previous_rows, quality_inputs, result_files, run_record,
+                          script_parser, selected_variants)
 from slmkit.eval.report import parameter_count
 from slmkit.models.checkpoint import WEIGHTS
 
@@ -76,11 +77,13 @@ def main(argv=None) -> int:
         files = result_files(args.out, "smollm2-transforms-comparison", args.overwrite or args.update)
         previous = previous_rows(
             files[0], args.update,
-            lambda old: (old["model"], old["budget"], old["distill"]["steps"]) == (args.model, args.budget, args.distill_steps),
-            "model, budget or number of distillation steps")
+            {"--model": args.model, "--budget": args.budget, "--distill-steps": args.distill_steps},
+            lambda old: {"--model": old["model"], "--budget": old["budget"],
+                         "--distill-steps": old["distill"]["steps"]})
         reference, calib, eval_config = quality_inputs(args)
         check_same_reference(files[0], previous, reference, {"eval": eval_config},
                              lambda row: {"eval": row["after_transform"]})
+        run = run_record(environment())  # each new row records the run that measured it
     except slmkit.SlmkitError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -102,7 +105,7 @@ def main(argv=None) -> int:
             file_bytes = (slmkit.save(model, Path(tmp) / key) / WEIGHTS).stat().st_size
             row = {"key": key, "variant": label, "config": {config.name: config.to_dict()}, "transform_seconds": seconds,
                    "params": parameter_count(model), "file_bytes": file_bytes, "metrics": dict(model.slmkit.metrics),
-                   "after_transform": before.to_dict()}
+                   "after_transform": before.to_dict(), "measured": run}
             print(f"{label}: ppl {before.perplexity:.3f}, {row['params'] / 1e6:.1f} M params, {seconds:.0f} s", flush=True)
             if args.distill_steps:
                 start = time.perf_counter()
@@ -125,7 +128,8 @@ def main(argv=None) -> int:
         result["updated_rows"] = keys  # measured by this command; the other rows by an earlier run
     lines = markdown_header(result, f"Architecture transforms of {args.model}: shared FFN and layer-wise scaling")
     if previous:
-        lines += [f"Rows re-measured by this command: {', '.join(keys)}; the others come from the earlier run.", ""]
+        lines += [f"Rows re-measured by this command: {', '.join(keys)}; the others come from earlier runs.", ""]
+    lines += markdown_runs(rows, result)
     lines += [data_note(rows[0]["after_transform"]["tokens"], eval_config, args.calib_blocks)
               + f" Distillation: {args.distill_steps} steps × 8 × 128 tokens from the original (forward KL, lr 2e-4)"
               " on the calib split.", ""]

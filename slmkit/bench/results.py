@@ -84,12 +84,14 @@ def selected_variants(only: str, available) -> list[str]:
     return keys
 
 
-def previous_rows(json_file: Path, update: bool, same_settings: Callable[[dict[str, Any]], bool],
-                  settings: str) -> list[dict[str, Any]]:
+def previous_rows(json_file: Path, update: bool, settings: dict[str, Any],
+                  recorded: Callable[[dict[str, Any]], dict[str, Any]]) -> list[dict[str, Any]]:
     """The rows of an earlier result that ``--update`` re-measures in part ([] without ``--update``).
 
-    Refused (SlmkitError) when that result does not exist or ``same_settings(old_json)`` is False;
-    ``settings`` names what must match, for the message.
+    ``settings`` holds this run's values of what must match, each named by the option that sets it (e.g.
+    ``--max-tokens``); ``recorded(old_json)`` gives the earlier result's values by the same names. Refused
+    (SlmkitError) when that result does not exist or a setting differs; the message names the setting, both
+    values and, for an option, the flag that would match.
     """
     from slmkit.errors import SlmkitError
 
@@ -98,8 +100,12 @@ def previous_rows(json_file: Path, update: bool, same_settings: Callable[[dict[s
     if not json_file.is_file():
         raise SlmkitError(f"{json_file} does not exist yet; run without --update or --resume first")
     old = json.loads(json_file.read_text())
-    if not same_settings(old):
-        raise SlmkitError(f"{json_file} was measured with another {settings}; rerun all its rows (--overwrite)")
+    earlier = recorded(old)
+    for name, value in settings.items():
+        if earlier.get(name) != value:
+            hint = f"pass {name} {earlier[name]} or " if name.startswith("--") and earlier.get(name) is not None else ""
+            raise SlmkitError(f"{json_file} was measured with {name} {earlier.get(name, '(not recorded)')}, this run "
+                              f"has {value}; {hint}rerun all its rows (--overwrite)")
     return old["rows"]
 
 
@@ -170,14 +176,67 @@ def write_results(files: tuple[Path, Path], data: dict[str, Any], markdown: str)
     print(f"wrote {json_file} and {md_file}")
 
 
+def device_text(device: dict[str, Any]) -> str:
+    """``cpu (AMD EPYC, AVX512)`` / ``cuda (NVIDIA H100 80GB HBM3)``: a result's device in words."""
+    return f"{device['type']} ({device['name']}{', ' + device['capability'] if device.get('capability') else ''})"
+
+
 def markdown_header(result: dict[str, Any], title: str) -> list[str]:
     """Title, date, device, versions and command lines that open every Markdown result."""
-    device, versions = result["device"], result["versions"]
+    versions = result["versions"]
     return [f"# {title}", "",
-            f"{result['date']}, {device['type']} ({device['name']}"
-            f"{', ' + device['capability'] if device.get('capability') else ''}), torch {versions['torch']}, "
+            f"{result['date']}, {device_text(result['device'])}, torch {versions['torch']}, "
             f"triton {versions['triton']}, transformers {versions['transformers']}.", "",
             f"Command: `{result['command']}`", ""]
+
+
+RUN_KEYS = ("date", "command", "device", "versions")
+
+
+def run_record(result: dict[str, Any]) -> dict[str, Any]:
+    """What a result row keeps, as its ``measured`` key, about the run that measured it: the date, command,
+    device and versions of :func:`environment` (with any versions a script adds, such as baseline libraries).
+
+    A table that ``--update`` / ``--resume`` builds over several runs keeps each row's own record, so it
+    says which environment measured which row (the file's top-level environment is the last run's).
+    """
+    return json.loads(json.dumps({key: result[key] for key in RUN_KEYS}))
+
+
+def measured_runs(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any] | None, list[str]]]:
+    """The distinct runs that measured ``rows`` (their ``measured`` records; None for rows without one), each
+    with the keys of its rows, oldest first (records without a date first)."""
+    runs: dict[str, tuple[dict[str, Any] | None, list[str]]] = {}
+    for row in rows:
+        record = row.get("measured")
+        runs.setdefault(json.dumps(record, sort_keys=True), (record, []))[1].append(row["key"])
+    return sorted(runs.values(), key=lambda run: (run[0] or {}).get("date") or "")
+
+
+def markdown_runs(rows: list[dict[str, Any]], header: dict[str, Any]) -> list[str]:
+    """Lines saying which run measured which rows, when ``rows`` come from more than one ([] otherwise).
+
+    Each run is named by its date, what differs from ``header`` (the result's own environment, which the
+    Markdown header shows: device, library versions), its command and its rows. A record with only
+    ``before`` (a date) stands for a run whose environment was not kept, known only to have ended by then.
+    """
+    runs = measured_runs(rows)
+    if len(runs) < 2:
+        return []
+    lines = [f"The rows come from {len(runs)} runs, oldest first (with what differs from the environment above):", ""]
+    for record, keys in runs:
+        if record is None or "date" not in record:
+            when = f"before {record['before']}, " if record and record.get("before") else ""
+            lines.append(f"- {when}a run whose environment was not recorded: {', '.join(keys)}.")
+            continue
+        differs = [device_text(record["device"])] if record["device"] != header["device"] else []
+        differs += [f"{name} {version}" for name, version in record["versions"].items()
+                    if version and version != header["versions"].get(name)]
+        differs += [f"no {name}" for name, version in header["versions"].items()
+                    if version and not record["versions"].get(name)]
+        lines.append(f"- {record['date']}{' (' + ', '.join(differs) + ')' if differs else ''}, "
+                     f"`{record['command']}`: {', '.join(keys)}.")
+    return lines + [""]
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
