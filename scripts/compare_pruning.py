@@ -36,7 +36,7 @@ from slmkit import DepthPruneConfig, MagnitudePruneConfig, SparseGPTConfig, Wand
 from slmkit.bench import (MIXED_CALIBRATION, QUALITY_DOMAINS, check_same_reference, domain_cells, domain_columns,
                           domain_evals, domains_note, environment, finish, markdown_header, markdown_runs,
                           markdown_table, merge_rows, previous_rows, reference_domain_cells, result_files, run_record,
-                          script_parser, selected_variants, write_results)
+                          script_parser, selected_variants)
 from slmkit.eval.report import parameter_count
 from slmkit.models.checkpoint import WEIGHTS
 from slmkit.prune import linear_sparsity
@@ -108,6 +108,9 @@ def main(argv=None) -> int:
         return 2
     if args.resume:  # rows already measured stay; the rest are measured now
         keys = [key for key in keys if key not in {row["key"] for row in previous}]
+        if not keys:  # leave the finished result as it is
+            print(f"nothing to measure: {files[0]} has every selected row (--update re-measures rows)")
+            return 0
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -173,10 +176,7 @@ def write(files, args, evals, reference, dense_bytes: int, rows, keys, partial_u
     lines += markdown_table(header, table)
     if missing:
         lines += ["", f"Not measured (yet): {', '.join(missing)}."]
-    if quiet:
-        write_results(files, result, "\n".join(lines) + "\n")
-        return 0
-    return finish(files, result, lines)
+    return finish(files, result, lines, quiet)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,12 @@ original on held-out text before and after distillation from the original.
 
 Usage:
     python scripts/compare_transforms.py [--budget 0.75] [--distill-steps 40] [--only shared2-merge,...]
-        [--out benchmarks/results/cpu] [--overwrite] [--update]
+        [--out benchmarks/results/cpu] [--overwrite] [--update | --resume]
 
-``--update`` re-measures only the ``--only`` rows and keeps the others of the existing result; it is refused
-when the float model here does not score the held-out text as the result recorded (other text, tokenizer or
-model).
+``--update`` re-measures only the ``--only`` rows and keeps the others of the existing result; ``--resume``
+continues an interrupted run (the result is written after every row) with the rows it lacks. Both are
+refused when the float model here does not score the held-out text as the result recorded (other text,
+tokenizer or model), or when the result was measured with other settings.
 """
 
 from __future__ import annotations
@@ -70,16 +71,21 @@ def main(argv=None) -> int:
     parser.add_argument("--only", default="", help="comma-separated variant keys")
     parser.add_argument("--update", action="store_true",
                         help="re-measure only the --only variants and replace their rows in the existing result")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run: keep the rows the result already has, measure the rest")
     args = parser.parse_args(argv)
     table_variants = variants(args.budget)
     try:
         keys = selected_variants(args.only, table_variants)
-        files = result_files(args.out, "smollm2-transforms-comparison", args.overwrite or args.update)
+        files = result_files(args.out, "smollm2-transforms-comparison", args.overwrite or args.update or args.resume)
         previous = previous_rows(
-            files[0], args.update,
-            {"--model": args.model, "--budget": args.budget, "--distill-steps": args.distill_steps},
+            files[0], args.update or args.resume,
+            {"--model": args.model, "--budget": args.budget, "--distill-steps": args.distill_steps,
+             "--calib-blocks": args.calib_blocks, "--max-tokens": args.max_tokens},
             lambda old: {"--model": old["model"], "--budget": old["budget"],
-                         "--distill-steps": old["distill"]["steps"]})
+                         "--distill-steps": (old["distill"] or {}).get("steps", 0),  # None: run without distilling
+                         "--calib-blocks": old["calibration"]["blocks"],
+                         "--max-tokens": old["evaluation"]["max_tokens"]})
         reference, calib, eval_config = quality_inputs(args)
         check_same_reference(files[0], previous, reference, {"eval": eval_config},
                              lambda row: {"eval": row["after_transform"]})
@@ -90,10 +96,17 @@ def main(argv=None) -> int:
     distill_config = DistillConfig(
         steps=args.distill_steps, batch_size=8, micro_batch_size=8, learning_rate=2e-4, warmup_steps=5,
         data=DataConfig(source="embedded", split="calib", num_blocks=4096, block_len=128, seed=1),
-        eval=EvalConfig(max_tokens=2048, seq_len=512), eval_every=0, log_every=10)
+        eval=EvalConfig(max_tokens=2048, seq_len=512), eval_every=0, log_every=10) if args.distill_steps else None
 
+    if args.resume:  # rows already measured stay; the rest are measured now
+        keys = [key for key in keys if key not in {row["key"] for row in previous}]
+        if not keys:  # leave the finished result as it is
+            print(f"nothing to measure: {files[0]} has every selected row (--update re-measures rows)")
+            return 0
+    settings = {"reference": reference, "eval_config": eval_config, "distill_config": distill_config,
+                "order": list(table_variants), "keys": keys, "partial": bool(previous)}
     with tempfile.TemporaryDirectory() as tmp:
-        dense_bytes = (slmkit.save(reference, Path(tmp) / "dense") / WEIGHTS).stat().st_size
+        settings["dense_bytes"] = (slmkit.save(reference, Path(tmp) / "dense") / WEIGHTS).stat().st_size
         rows = []
         for key in keys:
             label, config = table_variants[key]
@@ -116,23 +129,36 @@ def main(argv=None) -> int:
                 print(f"  after {args.distill_steps} distillation steps: ppl {after.perplexity:.3f}", flush=True)
             rows.append(row)
             del model
+            write(files, args, settings, merge_rows(previous, rows), quiet=True)  # an interrupted run resumes here
+    return write(files, args, settings, merge_rows(previous, rows))
 
-    if previous:  # keep the earlier rows of the variants not re-measured, in the table's order
-        rows = merge_rows(previous, rows)
+
+def write(files, args, settings: dict, rows: list[dict], quiet: bool = False) -> int:
+    """Write (and unless ``quiet`` print) the result so far: JSON + Markdown, rows in the table's order."""
+    if not rows:
+        print("nothing to measure: every selected row is in the result already")
+        return 0
+    rows = sorted(rows, key=lambda row: settings["order"].index(row["key"]))
+    reference, eval_config, dense_bytes = settings["reference"], settings["eval_config"], settings["dense_bytes"]
     reference_ppl = rows[0]["after_transform"]["reference_perplexity"]
     result = {**environment(), "model": args.model, "reference_params": parameter_count(reference),
               "reference_file_bytes": dense_bytes, "budget": args.budget,
               "calibration": {"blocks": args.calib_blocks, "block_len": 512, "split": "calib"},
-              "evaluation": eval_config.to_dict(), "distill": distill_config.to_dict(), "rows": rows}
-    if previous:
-        result["updated_rows"] = keys  # measured by this command; the other rows by an earlier run
+              "evaluation": eval_config.to_dict(), "rows": rows,
+              "distill": settings["distill_config"] and settings["distill_config"].to_dict()}
+    missing = [key for key in settings["order"] if key not in {row["key"] for row in rows}]
+    if missing:
+        result["not_measured"] = missing
+    if settings["partial"]:
+        result["updated_rows"] = settings["keys"]  # measured by this command; the other rows by earlier runs
     lines = markdown_header(result, f"Architecture transforms of {args.model}: shared FFN and layer-wise scaling")
-    if previous:
-        lines += [f"Rows re-measured by this command: {', '.join(keys)}; the others come from earlier runs.", ""]
+    if settings["partial"]:
+        lines += [f"Rows measured by this command: {', '.join(settings['keys'])}; the others come from earlier runs.",
+                  ""]
     lines += markdown_runs(rows, result)
-    lines += [data_note(rows[0]["after_transform"]["tokens"], eval_config, args.calib_blocks)
-              + f" Distillation: {args.distill_steps} steps × 8 × 128 tokens from the original (forward KL, lr 2e-4)"
-              " on the calib split.", ""]
+    distilled = (f" Distillation: {args.distill_steps} steps × 8 × 128 tokens from the original (forward KL, lr 2e-4)"
+                 " on the calib split." if args.distill_steps else " No distillation (--distill-steps 0).")
+    lines += [data_note(rows[0]["after_transform"]["tokens"], eval_config, args.calib_blocks) + distilled, ""]
     header = ["model", "parameters", "file", "transform time", "perplexity", "Δ", "KL", "top-1",
               "ppl distilled", "Δ distilled", "KL distilled", "top-1 distilled"]
     table = [["original float32", f"{parameter_count(reference) / 1e6:.1f} M", f"{dense_bytes / 1e6:.1f} MB", "—",
@@ -148,7 +174,10 @@ def main(argv=None) -> int:
             cells += [f"{report['perplexity']:.3f}", f"{100 * (report['perplexity'] / reference_ppl - 1):+.1f}%",
                       f"{report['kl_mean']:.4f}", f"{100 * report['top1_agreement']:.2f}%"]
         table.append(cells)
-    return finish(files, result, lines + markdown_table(header, table))
+    lines += markdown_table(header, table)
+    if missing:
+        lines += ["", f"Not measured (yet): {', '.join(missing)}."]
+    return finish(files, result, lines, quiet)
 
 
 if __name__ == "__main__":

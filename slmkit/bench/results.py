@@ -245,10 +245,12 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
             *("| " + " | ".join(row) + " |" for row in rows)]
 
 
-def finish(files: tuple[Path, Path], data: dict[str, Any], lines: list[str]) -> int:
-    """Print the Markdown result, write it with the JSON, and return exit status 0."""
+def finish(files: tuple[Path, Path], data: dict[str, Any], lines: list[str], quiet: bool = False) -> int:
+    """Print the Markdown result (unless ``quiet``: a partial result written after each row), write it with the
+    JSON, and return exit status 0."""
     table = "\n".join(lines) + "\n"
-    print(table)
+    if not quiet:
+        print(table)
     write_results(files, data, table)
     return 0
 

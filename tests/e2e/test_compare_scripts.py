@@ -1,0 +1,47 @@
+"""The comparison scripts' bookkeeping on the real SmolLM2 (a cheap setting): a result written after every
+row, ``--resume`` measuring only the rows it lacks, each row's run record, refusals that name the setting."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(f"slmkit_test_{name}", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compare_transforms_resumes_and_records_which_run_measured_each_row(tmp_path, capsys):
+    script = _script("compare_transforms")
+    cheap = ["--distill-steps", "0", "--max-tokens", "1024", "--calib-blocks", "1", "--out", str(tmp_path)]
+    result, markdown = tmp_path / "smollm2-transforms-comparison.json", tmp_path / "smollm2-transforms-comparison.md"
+    assert script.main(["--only", "uniform", *cheap]) == 0  # --distill-steps 0: no distillation (it used to fail)
+    first = json.loads(result.read_text())
+    assert [row["key"] for row in first["rows"]] == ["uniform"] and first["distill"] is None
+    assert "after_distill" not in first["rows"][0] and "openelm" in first["not_measured"]
+    assert set(first["rows"][0]["measured"]) == {"date", "command", "device", "versions"}
+
+    assert script.main(["--resume", "--only", "openelm-ffn,uniform", *cheap]) == 0
+    second = json.loads(result.read_text())
+    assert [row["key"] for row in second["rows"]] == ["uniform", "openelm-ffn"]  # the table's order
+    assert second["rows"][0] == first["rows"][0]  # kept as measured, with its own run record
+    assert second["updated_rows"] == ["openelm-ffn"]
+    assert "The rows come from 2 runs" in markdown.read_text()
+
+    before = (result.read_text(), markdown.read_text())
+    capsys.readouterr()
+    assert script.main(["--resume", "--only", "uniform", *cheap]) == 0
+    assert "nothing to measure" in capsys.readouterr().out
+    assert (result.read_text(), markdown.read_text()) == before  # a finished result is left alone
+
+    other = [*cheap[:2], "--max-tokens", "2048", *cheap[4:]]
+    assert script.main(["--resume", "--only", "openelm", *other]) == 2
+    assert "was measured with --max-tokens 1024, this run has 2048; pass --max-tokens 1024" in capsys.readouterr().err
+    assert (result.read_text(), markdown.read_text()) == before
