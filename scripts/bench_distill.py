@@ -94,11 +94,14 @@ def main(argv=None) -> int:
             raise SlmkitError("--steps, --seq-len, --batch and --repeats must be positive")
         files = result_files(args.out, "distill-throughput", args.overwrite)
         teacher = slmkit.load_model(args.model)
+        context = getattr(teacher.config, "max_position_embeddings", None)
+        if context and args.seq_len > context:
+            raise SlmkitError(f"--seq-len {args.seq_len} is above the model's context ({context} tokens)")
+        calib = slmkit.calib_data(teacher, n=max(64, args.batch * (args.steps + 1)), seq_len=args.seq_len)
     except SlmkitError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     cuda = torch.cuda.is_available()
-    calib = slmkit.calib_data(teacher, n=max(64, args.batch * (args.steps + 1)), seq_len=args.seq_len)
     pruned = copy.deepcopy(teacher)
     slmkit.prune(pruned, slmkit.WidthPruneConfig(ffn=0.25), calib=calib[:32])
     eval_data = calib[:1]

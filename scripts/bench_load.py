@@ -41,6 +41,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     try:
+        if args.repeats < 1:
+            raise SlmkitError(f"--repeats must be positive, got {args.repeats}")
         files = result_files(args.out, "load-times", args.overwrite)
     except SlmkitError as error:
         print(f"error: {error}", file=sys.stderr)

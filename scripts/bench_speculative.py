@@ -22,7 +22,7 @@ import torch
 import slmkit
 from slmkit.bench import environment, finish, markdown_header, markdown_table, result_files, script_parser
 from slmkit.data import load_texts
-from slmkit.engine import Engine, SamplingParams
+from slmkit.engine import Engine, EngineConfig, SamplingParams
 from slmkit.errors import SlmkitError
 
 FREE = ["What is the capital of France?", "Write a haiku about the sea.",
@@ -83,6 +83,13 @@ def main(argv=None) -> int:
         ks = [int(k) for k in args.draft_tokens.split(",") if k]
         if 0 not in ks:
             ks = [0, *ks]
+        # room for the longest prompt (a 70-word passage with its instruction, about 150 tokens) and the output
+        configs = {k: EngineConfig(max_batch_size=1, max_model_len=512 + args.max_tokens, speculative_tokens=k)
+                   for k in ks}
+        if not 1 <= args.prompts <= len(FREE):
+            raise SlmkitError(f"--prompts must be in 1..{len(FREE)} (the open questions there are), got {args.prompts}")
+        if args.max_tokens < 1:
+            raise SlmkitError(f"--max-tokens must be positive, got {args.max_tokens}")
         files = result_files(args.out, f"speculative-{args.model.replace('/', '--')}", args.overwrite)
         model = slmkit.load_model(args.model, dtype="bfloat16" if args.device == "cuda" else "float32",
                                   device=args.device)
@@ -91,16 +98,20 @@ def main(argv=None) -> int:
         return 2
     kinds = {"copy": copy_prompts(args.prompts), "free": FREE[: args.prompts]}
     rows = []
-    for kind, prompts in kinds.items():
-        baseline = None
-        for k in ks:
-            engine = Engine(model, max_batch_size=1, max_model_len=1024, speculative_tokens=k)
-            result = run(engine, prompts, args.max_tokens)
-            outputs = result.pop("outputs")
-            baseline = outputs if k == 0 else baseline
-            rows.append({"kind": kind, "draft_tokens": k, **result, "same_tokens_as_k0": outputs == baseline})
-            print(f"{kind} k={k}: {result['tokens_per_s']:.1f} tok/s, {result['passes_per_token']:.2f} passes/token",
-                  flush=True)
+    try:
+        for kind, prompts in kinds.items():
+            baseline = None
+            for k in ks:
+                engine = Engine(model, configs[k])  # refuses a max_model_len above the model's context
+                result = run(engine, prompts, args.max_tokens)
+                outputs = result.pop("outputs")
+                baseline = outputs if k == 0 else baseline
+                rows.append({"kind": kind, "draft_tokens": k, **result, "same_tokens_as_k0": outputs == baseline})
+                print(f"{kind} k={k}: {result['tokens_per_s']:.1f} tok/s, {result['passes_per_token']:.2f} "
+                      "passes/token", flush=True)
+    except SlmkitError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     base = {row["kind"]: row for row in rows if row["draft_tokens"] == 0}
     for row in rows:
         row["speedup"] = row["tokens_per_s"] / base[row["kind"]]["tokens_per_s"]

@@ -77,6 +77,10 @@ def main(argv=None) -> int:
     table_variants = variants(args.budget)
     try:
         keys = selected_variants(args.only, table_variants)
+        distill_config = DistillConfig(
+            steps=args.distill_steps, batch_size=8, micro_batch_size=8, learning_rate=2e-4, warmup_steps=5,
+            data=DataConfig(source="embedded", split="calib", num_blocks=4096, block_len=128, seed=1),
+            eval=EvalConfig(max_tokens=2048, seq_len=512), eval_every=0, log_every=10) if args.distill_steps else None
         files = result_files(args.out, "smollm2-transforms-comparison", args.overwrite or args.update or args.resume)
         previous = previous_rows(
             files[0], args.update or args.resume,
@@ -93,10 +97,6 @@ def main(argv=None) -> int:
     except slmkit.SlmkitError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    distill_config = DistillConfig(
-        steps=args.distill_steps, batch_size=8, micro_batch_size=8, learning_rate=2e-4, warmup_steps=5,
-        data=DataConfig(source="embedded", split="calib", num_blocks=4096, block_len=128, seed=1),
-        eval=EvalConfig(max_tokens=2048, seq_len=512), eval_every=0, log_every=10) if args.distill_steps else None
 
     if args.resume:  # rows already measured stay; the rest are measured now
         keys = [key for key in keys if key not in {row["key"] for row in previous}]

@@ -1,4 +1,4 @@
-"""The comparison scripts' bookkeeping on the real SmolLM2 (a cheap setting): a result written after every
+"""The benchmark scripts on the real SmolLM2 (cheap settings): a comparison written after every
 row, ``--resume`` measuring only the rows it lacks, each row's run record, refusals that name the setting."""
 
 import importlib.util
@@ -45,3 +45,18 @@ def test_compare_transforms_resumes_and_records_which_run_measured_each_row(tmp_
     assert script.main(["--resume", "--only", "openelm", *other]) == 2
     assert "was measured with --max-tokens 1024, this run has 2048; pass --max-tokens 1024" in capsys.readouterr().err
     assert (result.read_text(), markdown.read_text()) == before
+
+
+@pytest.mark.parametrize("name, args, message", [
+    ("bench_distill", ["--seq-len", "99999"], "--seq-len 99999 is above the model's context (8192 tokens)"),
+    ("bench_load", ["--repeats", "0"], "--repeats must be positive, got 0"),
+    ("bench_speculative", ["--prompts", "0"], "--prompts must be in 1..4"),
+    ("bench_speculative", ["--draft-tokens", "-1"], "speculative_tokens must be in 0..64"),
+    ("bench_speculative", ["--max-tokens", "9000"], "max_model_len 9512 exceeds what the model supports (8192"),
+    ("compare_transforms", ["--distill-steps", "-1"], "steps must be in [1, "),
+])
+def test_scripts_refuse_bad_settings_in_one_line(name, args, message, tmp_path, capsys):
+    assert _script(name).main([*args, "--out", str(tmp_path / "out")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last
+    assert not (tmp_path / "out").exists()  # nothing written
