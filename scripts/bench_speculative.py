@@ -84,8 +84,8 @@ def main(argv=None) -> int:
         if 0 not in ks:
             ks = [0, *ks]
         # room for the longest prompt (a 70-word passage with its instruction, about 150 tokens) and the output
-        configs = {k: EngineConfig(max_batch_size=1, max_model_len=512 + args.max_tokens, speculative_tokens=k)
-                   for k in ks}
+        room = max(1024, 512 + args.max_tokens)
+        configs = {k: EngineConfig(max_batch_size=1, max_model_len=room, speculative_tokens=k) for k in ks}
         if not 1 <= args.prompts <= len(FREE):
             raise SlmkitError(f"--prompts must be in 1..{len(FREE)} (the open questions there are), got {args.prompts}")
         if args.max_tokens < 1:
