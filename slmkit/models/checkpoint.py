@@ -234,7 +234,9 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32)
     if (path / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        from slmkit.models.loading import exact_decoding
+
+        tokenizer = exact_decoding(AutoTokenizer.from_pretrained(path))
     if (path / "generation_config.json").is_file():
         from transformers import GenerationConfig
 

@@ -112,7 +112,7 @@ def convert_gguf(gguf: Path, destination: Path) -> Path:
     folder, name = str(gguf.parent), gguf.name
     print(f"slmkit: dequantizing {gguf} (first load only) ...")
     quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    tokenizer = exact_decoding(AutoTokenizer.from_pretrained(folder, gguf_file=name))
     config = AutoConfig.from_pretrained(folder, gguf_file=name)
     align_special_tokens(tokenizer, config)
     if hasattr(config, "quantization_config"):
@@ -163,11 +163,25 @@ def resolve_source(source: str | os.PathLike) -> tuple[str, Path | str]:
     return "hub", text
 
 
+def exact_decoding(tokenizer):
+    """Turn off ``clean_up_tokenization_spaces`` on a BPE tokenizer (SmolLM2's GGUF conversion sets it), and
+    return the tokenizer.
+
+    That clean-up strips the spaces before punctuation, which a byte-level BPE decodes exactly; transformers 5
+    skips it for BPE anyway but warns on every first decode (``Ignoring clean_up_tokenization_spaces=True for
+    BPE tokenizer``). WordPiece and other tokenizers, which need it, keep theirs.
+    """
+    backend_model = getattr(getattr(tokenizer, "backend_tokenizer", None), "model", None)
+    if getattr(tokenizer, "clean_up_tokenization_spaces", False) and type(backend_model).__name__ == "BPE":
+        tokenizer.clean_up_tokenization_spaces = False
+    return tokenizer
+
+
 def _load_tokenizer(location, **kwargs):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(location, **kwargs)
+        return exact_decoding(AutoTokenizer.from_pretrained(location, **kwargs))
     except (OSError, ValueError) as error:
         print(f"slmkit: no tokenizer for {location} ({str(error).splitlines()[0]})")
         return None
@@ -206,6 +220,26 @@ def _load_hub(repo_id: str, dtype: torch.dtype) -> nn.Module:
                           f"({first})") from None
 
 
+def parse_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device that this machine has; a one-line SlmkitError otherwise (an unknown name,
+    or CUDA on a machine or torch build without it), before any work."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise SlmkitError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise SlmkitError(f"device {str(device)!r}: {build}; use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise SlmkitError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise SlmkitError(f"device {str(device)!r}: Apple's MPS is not available here; use --device cpu")
+    elif parsed.type not in ("cpu", "mps"):
+        raise SlmkitError(f"device {str(device)!r} is not supported; use cpu, cuda or cuda:N")
+    return parsed
+
+
 def load_model(
     source: str | os.PathLike = DEFAULT_MODEL,
     dtype: str | torch.dtype = torch.float32,
@@ -227,6 +261,7 @@ def load_model(
         >>> model = slmkit.load_model("smollm2-135m")
     """
     dtype = parse_dtype(dtype)
+    device = parse_device(device)
     kind, location = resolve_source(source)
     if kind == "checkpoint":
         from slmkit.models.checkpoint import load_checkpoint

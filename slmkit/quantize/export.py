@@ -304,7 +304,9 @@ def load_compressed_tensors(path: str | os.PathLike, dtype: torch.dtype = torch.
     if (path / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        from slmkit.models.loading import exact_decoding
+
+        tokenizer = exact_decoding(AutoTokenizer.from_pretrained(path))
     attach_record(model, ModelRecord(source=manifest.get("source", str(path)), tokenizer=tokenizer,
                                      steps=list(manifest.get("steps", [])), modules=modules,
                                      metrics=dict(manifest.get("metrics", {}))))

@@ -84,6 +84,23 @@ def test_embedded_default_loads_with_tokenizer(smollm2_path):
     tokenizer = model.slmkit.tokenizer  # the GGUF file's special tokens (eos ends generation, separates documents)
     assert (tokenizer.eos_token, tokenizer.eos_token_id, tokenizer.pad_token_id) == ("<|im_end|>", 2, 2)
     assert model.config.eos_token_id == 2
+    assert tokenizer.clean_up_tokenization_spaces is False  # exact BPE decoding, without transformers' warning
+    assert tokenizer.decode(tokenizer("Hello , world !")["input_ids"]) == "Hello , world !"
+
+
+def test_exact_decoding_leaves_wordpiece_cleanup_alone(smollm2_tokenizer):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordPiece
+    from transformers import PreTrainedTokenizerFast
+
+    from slmkit.models.loading import exact_decoding
+
+    bpe = copy.deepcopy(smollm2_tokenizer)
+    bpe.clean_up_tokenization_spaces = True  # as SmolLM2's GGUF conversion writes it
+    assert exact_decoding(bpe) is bpe and bpe.clean_up_tokenization_spaces is False
+    wordpiece = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]")),
+                                        clean_up_tokenization_spaces=True)
+    assert exact_decoding(wordpiece).clean_up_tokenization_spaces is True
 
 
 def test_special_tokens_follow_the_config(smollm2_tokenizer):
@@ -137,3 +154,20 @@ def test_hub_failures_say_why(monkeypatch, cause, expected):
     message = str(raised.value)
     assert message.startswith("could not load 'someone/model' from the Hugging Face hub: " + expected)
     assert message.endswith("(transformers' own words)")
+
+
+def test_devices_this_machine_lacks_are_refused_in_one_line():
+    from slmkit.models.loading import parse_device
+
+    assert parse_device("cpu") == torch.device("cpu") and parse_device(torch.device("cpu")).type == "cpu"
+    with pytest.raises(SlmkitError, match=r"^unknown device 'gpu'; use cpu, cuda or cuda:N$"):
+        slmkit.load_model("smollm2-135m", device="gpu")  # before loading anything
+    with pytest.raises(SlmkitError, match=r"^device 'xpu' is not supported; use cpu, cuda or cuda:N$"):
+        parse_device("xpu")
+    if not torch.cuda.is_available():
+        reason = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        with pytest.raises(SlmkitError, match=rf"^device 'cuda:1': {reason}; use --device cpu$"):
+            parse_device("cuda:1")
+    else:
+        with pytest.raises(SlmkitError, match=r"this machine has \d+ CUDA GPU"):
+            parse_device(f"cuda:{torch.cuda.device_count()}")
