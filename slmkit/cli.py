@@ -94,13 +94,16 @@ def cmd_export(args) -> int:
 
 def cmd_generate(args) -> int:
     from slmkit import generate, load_model
+    from slmkit.engine import SamplingParams
 
+    if args.max_new_tokens < 1:  # bad sampling settings fail before the model loads
+        raise SlmkitError(f"max_new_tokens must be at least 1, got {args.max_new_tokens}")
+    params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed)
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     if args.stream:  # the KV-cache engine, printing tokens as they come
-        from slmkit.engine import Engine, SamplingParams
+        from slmkit.engine import Engine
 
-        params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                                top_k=args.top_k, seed=args.seed)
         engine = Engine(model, max_batch_size=1)
         for delta in engine.stream(args.prompt, params, chat=not args.no_chat_template):
             print(delta.text, end="", flush=True)

@@ -1,7 +1,7 @@
 """Text generation with Hugging Face ``generate`` (greedy or sampled, chat template when available).
 
-The KV-cache engine (``slmkit.Engine``, a later milestone) will take over serving; this is the simple,
-always-correct path the engine is checked against.
+The simple, always-correct path: the KV-cache engine (``slmkit.Engine``, which serves and streams) is
+checked against it.
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ def generate(model: nn.Module, prompt: str, max_new_tokens: int = 64, temperatur
         raise SlmkitError("this model has no tokenizer to turn the prompt into tokens")
     if max_new_tokens < 1:
         raise SlmkitError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise SlmkitError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    from slmkit.engine.sampling import SamplingParams
+
+    SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)  # the engine's checks, one place
     if chat and getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)

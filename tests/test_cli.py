@@ -94,6 +94,26 @@ def test_bad_eval_option(capsys):
     _one_line_error(capsys, ["eval", "smollm2-135m", "--seq-len", "0"], "seq_len must be")
 
 
+@pytest.mark.parametrize("option, message", [
+    (["--top-p", "2"], "top_p must be in (0, 1], got 2.0"),
+    (["--top-k", "-1"], "top_k must be >= 0"),
+    (["--temperature", "-1"], "temperature must be >= 0"),
+    (["--max-new-tokens", "0"], "max_new_tokens must be at least 1, got 0"),
+])
+def test_generate_refuses_bad_sampling_before_loading(capsys, option, message):
+    # the model does not exist: the sampling settings are checked first
+    _one_line_error(capsys, ["generate", "./does-not-exist", "--prompt", "hi", *option], message)
+
+
+def test_generate_function_checks_sampling_as_the_engine_does(smollm2_path):
+    import slmkit
+    from slmkit.errors import SlmkitError
+
+    model = slmkit.load_model(smollm2_path)
+    with pytest.raises(SlmkitError, match=r"top_p must be in \(0, 1\], got 1.5"):
+        slmkit.generate(model, "hi", temperature=0.7, top_p=1.5)
+
+
 def test_serve_refuses_a_bad_or_taken_port_before_loading(capsys):
     import socket
 
