@@ -90,8 +90,21 @@ def test_hf_datasets_path_on_a_local_dataset(tmp_path):
     folder.mkdir()
     pq.write_table(pa.table({"text": ["first document", "", "second document"]}), folder / "train.parquet")
     assert data.load_texts(f"hf:{folder}") == ["first document", "second document"]
-    with pytest.raises(SlmkitError, match="could not load dataset"):
+    with pytest.raises(SlmkitError, match="could not load dataset") as refused:
         data.load_texts(f"hf:{folder}::validation")
+    assert "offline" not in str(refused.value)  # a missing split is not a connection problem
+
+
+def test_hf_dataset_unreachable_says_offline(monkeypatch):
+    import datasets
+
+    def unreachable(*args, **kwargs):  # what datasets raises when the hub cannot be reached
+        raise ConnectionError("Couldn't reach 'someone/corpus' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    with pytest.raises(SlmkitError, match=r"^could not load dataset 'hf:someone/corpus' \(Couldn't reach .*\); the hub "
+                                          r"could not be reached \(offline\?\): .* local \.txt/\.jsonl/\.parquet file"):
+        data.load_texts("hf:someone/corpus")
 
 
 def test_python_docs_is_modern_prose_split_by_topic():
