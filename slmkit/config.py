@@ -122,8 +122,9 @@ class LayerwiseFields:
             check_type("device", self.device, str)
 
 
-def check_calibration(what: str, calib: Any) -> None:
-    """Fail unless ``calib`` is a non-empty (num_blocks, block_len) tensor of token ids."""
+def check_calibration(what: str, calib: Any, vocab_size: int | None = None) -> None:
+    """Fail unless ``calib`` is a non-empty (num_blocks, block_len) tensor of token ids (below ``vocab_size``,
+    the model's embedding rows, when given: ids of another tokenizer would fail deep inside the model)."""
     import torch
 
     if (not isinstance(calib, torch.Tensor) or calib.ndim != 2 or calib.numel() == 0
@@ -131,6 +132,11 @@ def check_calibration(what: str, calib: Any) -> None:
         shape = tuple(calib.shape) if isinstance(calib, torch.Tensor) else type(calib).__name__
         raise SlmkitError(f"{what} needs calibration data: a non-empty (num_blocks, block_len) tensor of token "
                           f"ids such as slmkit.calib_data(model), got {shape}")
+    low, high = int(calib.min()), int(calib.max())
+    if low < 0 or (vocab_size is not None and high >= vocab_size):
+        raise SlmkitError(f"{what}: calibration token ids run from {low} to {high}, outside this model's vocabulary "
+                          f"(0..{vocab_size - 1 if vocab_size else '?'}); make them with this model's tokenizer "
+                          "(slmkit.calib_data(model))")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,8 +219,9 @@ def apply_step(model, config: BaseConfig, calib=None, category: str | None = Non
     Context transforms (distillation) given ``context=None`` use the model's own source as the original.
     ``checkpoint_dir``: where resumable walks save each finished block; ignored by the other transforms.
     """
-    from slmkit.models.record import get_record
+    from slmkit.models.record import get_record, require_model
 
+    require_model(model, f"slmkit.{category or 'apply_step'}")
     if not isinstance(config, BaseConfig):
         raise ConfigError(f"expected a step config such as SmoothQuantConfig(...), got {type(config).__name__}")
     transform = lookup(config)
@@ -235,7 +242,8 @@ def apply_step(model, config: BaseConfig, calib=None, category: str | None = Non
 
         calib = calib_data(model)
     if transform.needs_calibration:
-        check_calibration(type(config).__name__, calib)
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        check_calibration(type(config).__name__, calib, getattr(embeddings, "num_embeddings", None))
     if transform.uses_context:
         transform.apply(model, config, context or StepContext(original_model=get_record(model).source))
     elif transform.resumable and checkpoint_dir is not None:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from slmkit.errors import SlmkitError
-from slmkit.models.record import get_record
+from slmkit.models.record import get_record, require_model
 
 
 def generate(model: nn.Module, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
@@ -30,6 +30,7 @@ def generate(model: nn.Module, prompt: str, max_new_tokens: int = 64, temperatur
     Example:
         >>> slmkit.generate(model, "What is the capital of France?", max_new_tokens=20)
     """
+    require_model(model, "slmkit.generate")
     tokenizer = get_record(model).tokenizer
     if tokenizer is None:
         raise SlmkitError("this model has no tokenizer to turn the prompt into tokens")

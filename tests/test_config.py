@@ -43,3 +43,35 @@ def test_step_parsing_and_registry():
 def test_configs_are_dataclasses_with_docstrings():
     assert dataclasses.is_dataclass(SmoothQuantConfig) and issubclass(SmoothQuantConfig, BaseConfig)
     assert SmoothQuantConfig.__doc__
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda: slmkit.quantize(None, slmkit.RTNConfig()), "slmkit.quantize"),
+    (lambda: slmkit.prune("smollm2-135m", slmkit.MagnitudePruneConfig(sparsity=0.5)), "slmkit.prune"),
+    (lambda: slmkit.evaluate("smollm2-135m"), "slmkit.evaluate"),
+    (lambda: slmkit.save(None, "unused"), "slmkit.save"),
+    (lambda: slmkit.export("smollm2-135m", "unused"), "slmkit.export"),
+    (lambda: slmkit.generate(None, "hi"), "slmkit.generate"),
+])
+def test_public_functions_refuse_what_is_not_a_model(call, name):
+    from slmkit.errors import SlmkitError
+
+    with pytest.raises(SlmkitError, match=rf"^{name}: expected a model from slmkit.load_model, got "):
+        call()
+
+
+def test_calibration_ids_outside_the_vocabulary_are_refused_before_any_work():
+    import torch
+
+    from slmkit.errors import SlmkitError
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama")
+    vocab = model.get_input_embeddings().num_embeddings
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    for ids, shown in ((torch.full((2, 16), vocab), f"from {vocab} to {vocab}"), (torch.full((2, 16), -1), "from -1")):
+        with pytest.raises(SlmkitError, match=rf"WandaConfig: calibration token ids run {shown}.*outside this model's "
+                                              rf"vocabulary \(0..{vocab - 1}\)"):
+            slmkit.prune(model, slmkit.WandaConfig(sparsity=0.5), calib=ids)
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+    assert "slmkit" not in model.__dict__ or not model.slmkit.steps  # nothing recorded as done

@@ -16,7 +16,7 @@ from slmkit.data import DataConfig, token_blocks
 from slmkit.errors import SlmkitError
 from slmkit.eval import metrics
 from slmkit.eval.report import EvalReport, peak_memory_bytes, weight_bytes, weight_count
-from slmkit.models.record import get_record
+from slmkit.models.record import get_record, require_model
 
 
 @dataclasses.dataclass
@@ -114,6 +114,7 @@ def evaluate(model: nn.Module, reference: nn.Module | str | None = None, config:
         >>> report = slmkit.evaluate(model, reference="smollm2-135m")
         >>> print(report.table())
     """
+    require_model(model, "slmkit.evaluate")
     config = config or EvalConfig()
     if isinstance(reference, str):
         from slmkit.models.loading import load_model

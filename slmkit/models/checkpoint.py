@@ -24,7 +24,7 @@ from slmkit._version import CHECKPOINT_FORMAT_VERSION, __version__
 from slmkit.errors import SlmkitError
 from slmkit.models import compression
 from slmkit.models.arch import set_module
-from slmkit.models.record import ModelRecord, attach_record, get_record
+from slmkit.models.record import ModelRecord, attach_record, get_record, require_model
 from slmkit.quantize.linear import W8A8Linear, WeightOnlyLinear
 
 MANIFEST = "slmkit.json"
@@ -136,6 +136,7 @@ def save(model: nn.Module, path: str | os.PathLike, overwrite: bool = False, com
     """
     from safetensors.torch import save_file
 
+    require_model(model, "slmkit.save")
     target = ensure_new(path, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))

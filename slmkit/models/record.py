@@ -23,6 +23,16 @@ class ModelRecord:
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+def require_model(model: Any, what: str) -> None:
+    """Fail in one line (SlmkitError) unless ``model`` is a transformers-style model (an ``nn.Module`` with a
+    ``config``), as ``load_model`` returns; ``what`` names the function for the message."""
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        from slmkit.errors import SlmkitError
+
+        hint = " (a source name: load it with slmkit.load_model first)" if isinstance(model, (str, bytes)) else ""
+        raise SlmkitError(f"{what}: expected a model from slmkit.load_model, got {type(model).__name__}{hint}")
+
+
 def get_record(model: nn.Module) -> ModelRecord:
     """The model's ModelRecord, creating an empty one for models not loaded through slmkit."""
     record = model.__dict__.get("slmkit")

@@ -30,7 +30,7 @@ from torch import nn
 from slmkit._files import default_modes, ensure_new
 from slmkit.errors import SlmkitError
 from slmkit.models.arch import set_module
-from slmkit.models.record import ModelRecord, attach_record, get_record
+from slmkit.models.record import ModelRecord, attach_record, get_record, require_model
 from slmkit.quantize.linear import W8A8Linear, WeightOnlyLinear
 
 
@@ -133,6 +133,7 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "compressed-
            overwrite: bool = False) -> Path:
     """Write a quantized ``model`` in a serving format; today ``"compressed-tensors"`` (vLLM), see
     :func:`export_compressed_tensors`. Refuses an existing ``path`` unless ``overwrite``."""
+    require_model(model, "slmkit.export")
     if format != "compressed-tensors":
         raise SlmkitError(f"export: unknown format {format!r}; available: 'compressed-tensors'")
     return export_compressed_tensors(model, path, overwrite)
