@@ -334,6 +334,9 @@ def calib_data(model, n: int = 128, seq_len: int = 512, source: str = "embedded"
         >>> calib = slmkit.calib_data(model, n=64, source="generated")   # the model's own text
         >>> calib = slmkit.calib_data(model, n=64, source="embedded+generated")   # 32 blocks of each
     """
+    from slmkit.models.record import require_model
+
+    require_model(model, "calib_data")
     try:
         config = DataConfig(source=source, split="calib", num_blocks=n, block_len=seq_len, seed=seed)
     except ConfigError as error:

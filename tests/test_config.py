@@ -52,12 +52,21 @@ def test_configs_are_dataclasses_with_docstrings():
     (lambda: slmkit.save(None, "unused"), "slmkit.save"),
     (lambda: slmkit.export("smollm2-135m", "unused"), "slmkit.export"),
     (lambda: slmkit.generate(None, "hi"), "slmkit.generate"),
+    (lambda: slmkit.calib_data("smollm2-135m"), "calib_data"),
+    (lambda: slmkit.Engine("smollm2-135m"), "Engine"),
 ])
 def test_public_functions_refuse_what_is_not_a_model(call, name):
     from slmkit.errors import SlmkitError
 
     with pytest.raises(SlmkitError, match=rf"^{name}: expected a model from slmkit.load_model, got "):
         call()
+
+
+def test_a_model_source_must_be_a_name_or_path():
+    from slmkit.errors import SlmkitError
+
+    with pytest.raises(SlmkitError, match=r"^a model source is a name, path or hub id \(str or path\), got int$"):
+        slmkit.load_model(123)  # before any hub request
 
 
 def test_calibration_ids_outside_the_vocabulary_are_refused_before_any_work():

@@ -30,7 +30,7 @@ from slmkit.engine.speculative import NgramIndex, accept_greedy
 from slmkit.errors import SlmkitError
 from slmkit.kernels._launch import HAVE_TRITON
 from slmkit.models.arch import attention_shape, blocks, get_spec
-from slmkit.models.record import get_record
+from slmkit.models.record import get_record, require_model
 
 DEFAULT_GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
@@ -163,6 +163,7 @@ class Engine:
             if unknown:
                 raise ConfigError(f"engine: unknown option {unknown[0]!r}; allowed: {', '.join(sorted(fields))}")
             config = dataclasses.replace(config, **overrides)
+        require_model(model, "Engine")
         self.config, self.model = config, model.eval()
         get_spec(model)  # an architecture slmkit does not know fails here, in one line
         self.tokenizer = get_record(model).tokenizer

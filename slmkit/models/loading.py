@@ -141,6 +141,8 @@ def _looks_like_path(source: str) -> bool:
 
 def resolve_source(source: str | os.PathLike) -> tuple[str, Path | str]:
     """Classify ``source`` as ('embedded'|'gguf'|'checkpoint'|'compressed_tensors'|'hf_dir'|'hub', location)."""
+    if not isinstance(source, (str, os.PathLike)):
+        raise SlmkitError(f"a model source is a name, path or hub id (str or path), got {type(source).__name__}")
     text = str(source)
     if text in EMBEDDED_MODELS:
         return "embedded", text
