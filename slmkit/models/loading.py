@@ -170,8 +170,9 @@ def exact_decoding(tokenizer):
     return the tokenizer.
 
     That clean-up strips the spaces before punctuation, which a byte-level BPE decodes exactly; transformers 5
-    skips it for BPE anyway but warns on every first decode (``Ignoring clean_up_tokenization_spaces=True for
-    BPE tokenizer``). WordPiece and other tokenizers, which need it, keep theirs.
+    skips it for BPE anyway but warns at the first decode of each process (``Ignoring
+    clean_up_tokenization_spaces=True for BPE tokenizer``). WordPiece and other tokenizers, which need it, keep
+    theirs.
     """
     backend_model = getattr(getattr(tokenizer, "backend_tokenizer", None), "model", None)
     if getattr(tokenizer, "clean_up_tokenization_spaces", False) and type(backend_model).__name__ == "BPE":
