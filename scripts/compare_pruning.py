@@ -34,9 +34,9 @@ from pathlib import Path
 import slmkit
 from slmkit import DepthPruneConfig, MagnitudePruneConfig, SparseGPTConfig, WandaConfig, WidthPruneConfig
 from slmkit.bench import (MIXED_CALIBRATION, QUALITY_DOMAINS, check_same_reference, domain_cells, domain_columns,
-                          domain_evals, domains_note, environment, finish, markdown_header, markdown_runs,
-                          markdown_table, merge_rows, previous_rows, reference_domain_cells, result_files, run_record,
-                          script_parser, selected_variants)
+                          domain_evals, domains_note, environment, finish, keys_to_resume, markdown_header,
+                          markdown_runs, markdown_table, merge_rows, previous_rows, reference_domain_cells,
+                          result_files, run_record, script_parser, selected_variants)
 from slmkit.eval.report import parameter_count
 from slmkit.models.checkpoint import WEIGHTS
 from slmkit.prune import linear_sparsity
@@ -107,9 +107,8 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.resume:  # rows already measured stay; the rest are measured now
-        keys = [key for key in keys if key not in {row["key"] for row in previous}]
+        keys = keys_to_resume(keys, previous, files[0])
         if not keys:  # leave the finished result as it is
-            print(f"nothing to measure: {files[0]} has every selected row (--update re-measures rows)")
             return 0
 
     rows = []
@@ -143,9 +142,6 @@ def write(files, args, evals, reference, dense_bytes: int, rows, keys, partial_u
     """Write (and unless ``quiet`` print) the result so far: JSON + Markdown, in the table's order."""
     order = list(VARIANTS)
     rows = sorted(rows, key=lambda row: order.index(row["key"]))
-    if not rows:
-        print("nothing to measure: every selected row is in the result already")
-        return 0
     result = {**environment(), "model": args.model, "max_tokens": args.max_tokens,
               "reference_params": parameter_count(reference), "reference_file_bytes": dense_bytes,
               "calibration": {"blocks": args.calib_blocks, "block_len": 512, "split": "calib"},

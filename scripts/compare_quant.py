@@ -43,9 +43,9 @@ import torch
 import slmkit
 from slmkit import AWQConfig, GPTQConfig, RTNConfig, SmoothQuantConfig
 from slmkit.bench import (MIXED_CALIBRATION, QUALITY_DOMAINS, check_same_reference, domain_cells, domain_columns,
-                          domain_evals, domains_note, environment, finish, markdown_header, markdown_runs,
-                          markdown_table, merge_rows, previous_rows, reference_domain_cells, result_files, run_record,
-                          script_parser, selected_variants)
+                          domain_evals, domains_note, environment, finish, keys_to_resume, markdown_header,
+                          markdown_runs, markdown_table, merge_rows, previous_rows, reference_domain_cells,
+                          result_files, run_record, script_parser, selected_variants)
 from slmkit.models.arch import block_linears, blocks
 
 GRID = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0]
@@ -220,9 +220,8 @@ def main(argv=None) -> int:
         return 2
 
     if args.resume:  # rows already measured stay; the rest are measured now
-        keys = [key for key in keys if key not in {row["key"] for row in previous}]
+        keys = keys_to_resume(keys, previous, files[0])
         if not keys:  # leave the finished result as it is
-            print(f"nothing to measure: {files[0]} has every selected row (--update re-measures rows)")
             return 0
     rows, notes = [], (earlier_notes(files[0], keys) if previous else [])
     missing_packages = {}

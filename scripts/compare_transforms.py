@@ -29,9 +29,9 @@ from pathlib import Path
 
 import slmkit
 from slmkit import DataConfig, DistillConfig, EvalConfig, LayerwiseScalingConfig, SharedFFNConfig, WidthPruneConfig
-from slmkit.bench import (check_same_reference, data_note, environment, finish, markdown_header, markdown_runs,
-                          markdown_table, merge_rows, previous_rows, quality_inputs, result_files, run_record,
-                          script_parser, selected_variants)
+from slmkit.bench import (check_same_reference, data_note, environment, finish, keys_to_resume, markdown_header,
+                          markdown_runs, markdown_table, merge_rows, previous_rows, quality_inputs, result_files,
+                          run_record, script_parser, selected_variants)
 from slmkit.eval.report import parameter_count
 from slmkit.models.checkpoint import WEIGHTS
 
@@ -99,9 +99,8 @@ def main(argv=None) -> int:
         return 2
 
     if args.resume:  # rows already measured stay; the rest are measured now
-        keys = [key for key in keys if key not in {row["key"] for row in previous}]
+        keys = keys_to_resume(keys, previous, files[0])
         if not keys:  # leave the finished result as it is
-            print(f"nothing to measure: {files[0]} has every selected row (--update re-measures rows)")
             return 0
     settings = {"reference": reference, "eval_config": eval_config, "distill_config": distill_config,
                 "order": list(table_variants), "keys": keys, "partial": bool(previous)}
@@ -135,9 +134,6 @@ def main(argv=None) -> int:
 
 def write(files, args, settings: dict, rows: list[dict], quiet: bool = False) -> int:
     """Write (and unless ``quiet`` print) the result so far: JSON + Markdown, rows in the table's order."""
-    if not rows:
-        print("nothing to measure: every selected row is in the result already")
-        return 0
     rows = sorted(rows, key=lambda row: settings["order"].index(row["key"]))
     reference, eval_config, dense_bytes = settings["reference"], settings["eval_config"], settings["dense_bytes"]
     reference_ppl = rows[0]["after_transform"]["reference_perplexity"]

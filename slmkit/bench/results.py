@@ -156,6 +156,16 @@ def check_same_reference(json_file: Path, previous: list[dict[str, Any]], refere
                                   "tokenizer or model); rerun all its rows (--overwrite) or write elsewhere (--out)")
 
 
+def keys_to_resume(keys: list[str], previous: list[dict[str, Any]], json_file: Path) -> list[str]:
+    """The variant ``keys`` a resumed run (``--resume``) still measures: those ``previous`` lacks. When none is
+    left it says so; the caller then leaves the finished result as it is."""
+    done = {row["key"] for row in previous}
+    left = [key for key in keys if key not in done]
+    if not left:
+        print(f"nothing to measure: {json_file} has every selected row (--update re-measures rows)")
+    return left
+
+
 def merge_rows(previous: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Earlier rows with the re-measured ones (same ``key``) replaced in place and new ones appended."""
     fresh = {row["key"]: row for row in rows}
