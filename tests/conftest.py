@@ -19,7 +19,7 @@ def pytest_configure(config):
         raise pytest.UsageError(problem)
 
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "smollm3", "phi3", "gpt2")
 
 
 def tiny_config(family: str, vocab_size: int = 256, **overrides):
@@ -33,8 +33,13 @@ def tiny_config(family: str, vocab_size: int = 256, **overrides):
         return transformers.GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=256,
                                        **overrides)
     classes = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
-               "gemma": "GemmaConfig", "gemma2": "Gemma2Config", "phi3": "Phi3Config"}
+               "gemma": "GemmaConfig", "gemma2": "Gemma2Config", "gemma3": "Gemma3TextConfig",
+               "smollm3": "SmolLM3Config", "phi3": "Phi3Config"}
     extra = {"gemma": dict(head_dim=16), "gemma2": dict(head_dim=16), "qwen3": dict(head_dim=16),
+             # one sliding block (window 8, so the window matters) and one full block, each with its own
+             # rotary base; SmolLM3's second block has no rotary at all
+             "gemma3": dict(head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
+             "smollm3": dict(no_rope_layers=[1, 0], pad_token_id=0, bos_token_id=1, eos_token_id=2),
              "phi3": dict(pad_token_id=0)}
     return getattr(transformers, classes[family])(**{**common, **extra.get(family, {}), **overrides})
 

@@ -1,10 +1,11 @@
 """The model forward pass against the paged KV cache, and the CUDA graphs of the decode step.
 
 The runner walks the model through :mod:`slmkit.models.arch` data, not through transformers' forward:
-embeddings → for each block: norm, q/k/v projections (q/k norms, rotary), write keys/values into
-their cache slots, attention over the paged cache (soft-capped and sliding-window where the config
-says so), output projection (post-norm), residual, norm, MLP (post-norm), residual → final norm →
-LM head on the rows that need logits (soft-capped for Gemma-2). The projections and MLPs are the model's own
+embeddings → for each block: norm, q/k/v projections (q/k norms, rotary: per layer type for Gemma-3,
+none in SmolLM3's NoPE blocks), write keys/values into their cache slots, attention over the paged
+cache (soft-capped and sliding-window where the config says so), output projection (post-norm),
+residual, norm, MLP (post-norm), residual → final norm → LM head on the rows that need logits
+(soft-capped for Gemma-2). The projections and MLPs are the model's own
 modules, so whatever a transform put there (W8A8 linears, 2:4 sparse weights, per-layer widths)
 runs unchanged.
 
@@ -28,7 +29,8 @@ from slmkit.kernels.attention import prefill_attention, prefill_attention_ref
 from slmkit.kernels.decode_attention import decode_attention, decode_attention_ref
 from slmkit.kernels.rmsnorm import rmsnorm
 from slmkit.kernels.swiglu import swiglu
-from slmkit.models.arch import ArchSpec, attention_shape, attention_window, get_module, get_spec, logit_softcaps
+from slmkit.models.arch import (ArchSpec, attention_shape, attention_window, get_module, get_spec, logit_softcaps,
+                                rotary_key)
 
 
 @dataclasses.dataclass
@@ -89,6 +91,7 @@ class _Layer:
         self.attn_out_norm = get_module(block, spec.attn_out_norm) if spec.attn_out_norm else None
         self.mlp_out_norm = get_module(block, spec.mlp_out_norm) if spec.mlp_out_norm else None
         self.window = attention_window(model.config, index)  # 0: full attention
+        self.rotary_key = rotary_key(model.config, spec, index)  # None: no rotary in this block
         self.softcap = logit_softcaps(model.config)[0]
         self.qkv = get_module(block, spec.qkv) if spec.qkv else None
         self.q, self.k, self.v = (None, None, None) if spec.qkv else (get_module(block, n) for n in (spec.q, spec.k, spec.v))
@@ -138,6 +141,7 @@ class ModelRunner:
         self.final_norm = get_module(model, spec.final_norm)
         self.lm_head = get_module(model, spec.lm_head)
         self.layers = [_Layer(model, spec, i) for i in range(len(get_module(model, spec.layers)))]
+        self.rotary_keys = sorted({layer.rotary_key for layer in self.layers if layer.rotary_key is not None})
         if len(self.layers) != len(caches):
             raise SlmkitError(f"{len(caches)} layer caches for {len(self.layers)} layers")
         self.hidden_size = model.config.hidden_size
@@ -191,17 +195,18 @@ class ModelRunner:
             x = x * torch.tensor(self.hidden_size ** 0.5, dtype=x.dtype)
         if self.position_embed is not None:
             x = x + self.position_embed(batch.positions)
-        cos = sin = None
-        if self.rotary is not None:
-            cos, sin = self.rotary(x[None], batch.positions[None])
-            cos, sin = cos[0].to(x.dtype), sin[0].to(x.dtype)
+        rotations = {}  # (cos, sin) per rotary key, computed once per forward
+        for key in self.rotary_keys:
+            cos, sin = self.rotary(x[None], batch.positions[None], *((key,) if key else ()))
+            rotations[key] = cos[0].to(x.dtype), sin[0].to(x.dtype)
         delta = None
         for layer, cache in zip(self.layers, self.caches):
             h, x = self._add_norm(x, delta, layer.attn_norm)
             q, k, v = layer.project_qkv(h)
             if layer.q_norm is not None:
                 q, k = layer.q_norm(q), layer.k_norm(k)
-            if cos is not None:
+            if layer.rotary_key is not None:
+                cos, sin = rotations[layer.rotary_key]
                 q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
             attn = layer.o(self._attention(layer, cache, q, k, v, batch).flatten(1))
             if layer.attn_out_norm is not None:

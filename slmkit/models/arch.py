@@ -58,6 +58,10 @@ class ArchSpec:
     embed_scale: bool = False  # embeddings multiplied by sqrt(hidden_size) (Gemma)
     q_norm: str | None = None  # per-head norms of queries / keys before rotary (Qwen3)
     k_norm: str | None = None
+    # The rotary module takes the block's layer type: sliding and full layers rotate with different bases
+    # (Gemma-3: 10k local, 1M global). Blocks whose ``config.no_rope_layers`` entry is 0 rotate nothing
+    # (SmolLM3's NoPE layers); see :func:`rotary_key`.
+    rotary_per_layer_type: bool = False
 
     def linear_names(self) -> list[str]:
         """Block-relative paths of every linear projection in a block (attention, then MLP)."""
@@ -83,6 +87,18 @@ class ArchSpec:
 
 _LLAMA = ArchSpec(family="llama", model_types=("llama", "slm"))  # slm: SlmForCausalLM (per-layer widths)
 
+_GEMMA2 = dataclasses.replace(
+    _LLAMA,
+    family="gemma2",
+    model_types=("gemma2",),
+    norm_offset=1.0,
+    mlp_norm="pre_feedforward_layernorm",
+    attn_out_norm="post_attention_layernorm",  # normalizes the attention output, not the MLP input
+    mlp_out_norm="post_feedforward_layernorm",
+    width_dims=("heads", "ffn"),
+    embed_scale=True,
+)
+
 ARCHITECTURES: tuple[ArchSpec, ...] = (
     _LLAMA,
     dataclasses.replace(_LLAMA, family="mistral", model_types=("mistral",)),
@@ -92,17 +108,14 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
                         k_norm="self_attn.k_norm"),
     dataclasses.replace(_LLAMA, family="gemma", model_types=("gemma",), norm_offset=1.0, width_dims=("heads", "ffn"),
                         embed_scale=True),
-    dataclasses.replace(
-        _LLAMA,
-        family="gemma2",
-        model_types=("gemma2",),
-        norm_offset=1.0,
-        mlp_norm="pre_feedforward_layernorm",
-        attn_out_norm="post_attention_layernorm",  # normalizes the attention output, not the MLP input
-        mlp_out_norm="post_feedforward_layernorm",
-        width_dims=("heads", "ffn"),
-        embed_scale=True,
-    ),
+    _GEMMA2,
+    # Gemma-3's text-only models (270M, 1B: Gemma3ForCausalLM): Gemma-2's four norms, Qwen3's q/k norms,
+    # five sliding layers to one full one, each kind with its own rotary base.
+    dataclasses.replace(_GEMMA2, family="gemma3", model_types=("gemma3_text",), q_norm="self_attn.q_norm",
+                        k_norm="self_attn.k_norm", rotary_per_layer_type=True),
+    # SmolLM3: Llama's layout; every fourth block has no rotary (no_rope_layers). Its config derives
+    # head_dim from hidden_size / heads, so only FFN width can change.
+    dataclasses.replace(_LLAMA, family="smollm3", model_types=("smollm3",), width_dims=("ffn",)),
     dataclasses.replace(
         _LLAMA,
         family="phi3",
@@ -198,6 +211,18 @@ def attention_window(config, layer: int) -> int:
     if types and types[layer] == "sliding_attention":
         return int(config.sliding_window)
     return 0
+
+
+def rotary_key(config, spec: ArchSpec, layer: int) -> str | None:
+    """The rotary embedding block ``layer`` applies: None for none (GPT-2's learned positions; SmolLM3's
+    NoPE blocks, ``no_rope_layers[layer] == 0``), "" for the model's one rotary module, or the layer type
+    the module is called with (Gemma-3: "sliding_attention" and "full_attention" use different bases)."""
+    if spec.rotary is None:
+        return None
+    no_rope = getattr(config, "no_rope_layers", None)
+    if no_rope and not no_rope[layer]:
+        return None
+    return config.layer_types[layer] if spec.rotary_per_layer_type else ""
 
 
 def logit_softcaps(config) -> tuple[float, float]:

@@ -11,9 +11,9 @@ from slmkit.engine import Engine, EngineConfig, SamplingParams
 from slmkit.errors import SlmkitError
 from slmkit.models.arch import blocks
 from slmkit.prune import WidthPruneConfig, prune
-from tests.conftest import random_tokens, tiny_config, tiny_model
+from tests.conftest import FAMILIES, random_tokens, tiny_config, tiny_model
 
-ENGINE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2")
+ENGINE_FAMILIES = FAMILIES
 SMALL = EngineConfig(num_blocks=96, block_size=8, max_num_batched_tokens=48, max_batch_size=8)
 
 
@@ -76,6 +76,7 @@ def test_prefill_logits_equal_the_model_forward(family, use_kernels):
 
 @pytest.mark.parametrize("family, window", [
     ("gemma2", dict(sliding_window=8)),  # sliding and full layers alternate; soft-capped logits
+    ("gemma3", dict(sliding_window=8)),  # a sliding block and a full one, each with its own rotary base
     ("qwen2", dict(use_sliding_window=True, sliding_window=8, max_window_layers=1)),  # block 1 slides
 ])
 @pytest.mark.parametrize("use_kernels", [False, True])

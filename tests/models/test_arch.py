@@ -59,5 +59,15 @@ def test_unsupported_architecture_lists_supported():
 
 
 def test_supported_list_covers_the_families():
-    assert set(FAMILIES) <= set(arch.supported_model_types())
+    assert {tiny_config(family).model_type for family in FAMILIES} <= set(arch.supported_model_types())
     assert tiny_config("llama").model_type == "llama"
+
+
+def test_rotary_key_per_block():
+    # Llama: the one rotary module; GPT-2: learned positions; Gemma-3: the block's layer type picks the
+    # base (10k sliding, 1M full); SmolLM3: blocks whose no_rope_layers entry is 0 rotate nothing
+    expected = {"llama": ["", ""], "gpt2": [None, None], "gemma3": ["sliding_attention", "full_attention"],
+                "smollm3": ["", None]}
+    for family, keys in expected.items():
+        config = tiny_config(family)
+        assert [arch.rotary_key(config, arch.get_spec(config), i) for i in range(2)] == keys, family

@@ -51,6 +51,16 @@ def test_heads_and_hidden_pruning_keep_config_consistent(family, tmp_path):
     assert torch.allclose(_logits(loaded), _logits(model), atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])  # explicit head_dim, post-norms (and q/k norms)
+def test_gemma_head_pruning_reloads(family, tmp_path):
+    model = tiny_model(family)
+    prune(model, WidthPruneConfig(heads=0.5, head_unit="group"), calib=CALIB)
+    shape = attention_shape(model.config)
+    assert (shape.num_heads, shape.num_kv_heads, shape.head_dim) == (2, 1, 16)
+    loaded = slmkit.load_model(slmkit.save(model, tmp_path / "out"))
+    assert torch.allclose(_logits(loaded), _logits(model), atol=1e-5)
+
+
 def test_dead_ffn_channels_and_kv_group_are_removed_exactly():
     model = tiny_model("llama")
     with torch.no_grad():
@@ -246,6 +256,10 @@ def test_errors_are_clear_and_early():
         prune(tiny_model("gpt2"), WidthPruneConfig(hidden=0.25), calib=CALIB)
     with pytest.raises(SlmkitError, match="heads is not supported for qwen2"):
         prune(tiny_model("qwen2"), WidthPruneConfig(heads=0.5), calib=CALIB)
+    with pytest.raises(SlmkitError, match="heads is not supported for smollm3"):
+        prune(tiny_model("smollm3"), WidthPruneConfig(heads=0.5), calib=CALIB)
+    with pytest.raises(SlmkitError, match="hidden is not supported for gemma3"):
+        prune(tiny_model("gemma3"), WidthPruneConfig(hidden=0.25), calib=CALIB)
     with pytest.raises(SlmkitError, match="Llama-architecture"):
         prune(tiny_model("qwen2"), WidthPruneConfig(ffn=0.25, per_layer=True), calib=CALIB)
     assert len(blocks(model)) == 2 and intermediate_size(model.config, 0) == 96  # untouched
