@@ -153,6 +153,29 @@ def test_run_evaluates_and_saves(tiny_dir, tmp_path):
     assert "perplexity" in result.table()
 
 
+@pytest.mark.parametrize("family", ["gemma3", "smollm3"])
+def test_a_recipe_runs_on_a_local_directory_of_a_newer_family(family, tmp_path, smollm2_tokenizer):
+    # a transformers directory of the family (random weights, a real tokenizer) → W4A16 GPTQ, evaluated and
+    # saved; the checkpoint reloads exactly and the engine's greedy tokens equal generate's on it
+    from slmkit.engine import Engine, SamplingParams
+
+    model = tiny_model(family, vocab_size=len(smollm2_tokenizer))
+    model.save_pretrained(tmp_path / family)
+    smollm2_tokenizer.save_pretrained(tmp_path / family)
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"line {i} of some calibration and evaluation text." for i in range(400)))
+    recipe = Recipe.from_dict(_recipe(tmp_path / family, text, [{"gptq": {"group_size": 16}}]))
+    result = run_recipe(recipe, output=tmp_path / "out")
+    assert 0 < result.report.kl_mean and result.report.weight_bytes < result.report.reference_weight_bytes
+    loaded = slmkit.load_model(tmp_path / "out")
+    prompt = smollm2_tokenizer("Once upon a time")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(loaded(torch.tensor([prompt])).logits, result.model(torch.tensor([prompt])).logits)
+        expected = loaded.generate(torch.tensor([prompt]), max_new_tokens=16, min_new_tokens=16, do_sample=False)
+    out = Engine(loaded).generate([prompt], SamplingParams(max_tokens=16, ignore_eos=True), progress=False)[0]
+    assert out.token_ids == expected[0, len(prompt):].tolist()
+
+
 def test_mixed_calibration_source_feeds_the_step_and_bad_parts_fail_first(tiny_dir, tmp_path, monkeypatch):
     model_dir, text = tiny_dir
     data = _recipe(model_dir, text, [{"gptq": {"group_size": 16}}])
