@@ -150,18 +150,37 @@ def cmd_bench(args) -> int:
 
 
 def cmd_info(args) -> int:
+    from slmkit.models.arch import config_summary
     from slmkit.models.checkpoint import read_manifest
+    from slmkit.models.loading import load_config
 
-    path = Path(args.path)
-    if not path.exists():
-        raise SlmkitError(f"{path}: no such checkpoint directory")
-    manifest = read_manifest(path)
+    kind, location, config = load_config(args.path)
+    summary = config_summary(config)
+    manifest = read_manifest(location) if kind == "checkpoint" else None
     if args.json:
-        print(json.dumps(manifest, indent=2))
+        print(json.dumps(manifest if manifest is not None else {"source": str(args.path), "kind": kind, **summary},
+                         indent=2))
         return 0
-    print(f"checkpoint      {path}")
-    print(f"format          slmkit checkpoint v{manifest['format_version']} (written by slmkit {manifest.get('slmkit_version')})")
-    print(f"architecture    {manifest.get('model_type')}")
+    print(f"{'checkpoint' if manifest is not None else 'model':<15} {location}")
+    if manifest is None:
+        print(f"format          {_SOURCE_FORMATS[kind]}")
+    else:
+        print(f"format          slmkit checkpoint v{manifest['format_version']} "
+              f"(written by slmkit {manifest.get('slmkit_version')})")
+    for key, value in summary.items():
+        print(f"{key:<15} {value}")
+    quantization = getattr(config, "quantization_config", None)
+    if manifest is None and isinstance(quantization, dict) and kind != "gguf":
+        from slmkit.quantize.export import describe_quantization
+
+        print(f"quantization    {describe_quantization(quantization)}")
+    if manifest is None:
+        files = ([location] if kind == "gguf" else
+                 sorted(f for f in Path(location).glob("*") if f.suffix in (".safetensors", ".bin")) if kind != "hub"
+                 else [])
+        for file in files:
+            print(f"file            {file.name}: {file.stat().st_size / 1e6:,.1f} MB")
+        return 0
     print(f"made from       {manifest.get('source')}")
     for index, step in enumerate(manifest.get("steps", []), 1):
         (name, fields), = step.items()
@@ -181,6 +200,14 @@ def cmd_info(args) -> int:
                      f"top-1 agreement {100 * report['top1_agreement']:.2f}%")
         print(f"measured        {line}")
     return 0
+
+
+_SOURCE_FORMATS = {
+    "gguf": "GGUF file (slmkit dequantizes it to float on load)",
+    "hf_dir": "transformers directory (not written by slmkit)",
+    "compressed_tensors": "compressed-tensors checkpoint (loads quantized)",
+    "hub": "Hugging Face hub model (its config only was read; load_model downloads the weights)",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -325,12 +352,17 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     exp.set_defaults(handler=cmd_export)
 
-    info = sub.add_parser("info", help="what a checkpoint is and how it was made", formatter_class=_formatter,
-                          description="Describe an slmkit checkpoint: architecture, source model, the steps "
-                          "applied with their configs, compressed modules, files and measured quality.",
-                          epilog="examples:\n  slmkit info out/smollm2-w8a8\n  slmkit info out/smollm2-w8a8 --json")
-    info.add_argument("path", help="checkpoint directory")
-    info.add_argument("--json", action="store_true", help="print the raw manifest")
+    info = sub.add_parser("info", help="what a model or checkpoint is and how it was made", formatter_class=_formatter,
+                          description="Describe a model without loading its weights: its architecture (the slmkit "
+                          "family it runs as, or why it is not supported), blocks and widths, attention kinds and "
+                          "the dimensions width pruning may shrink. For an slmkit checkpoint also the source "
+                          "model, the steps applied with their configs, compressed modules, files and measured "
+                          "quality. Any load_model source: a checkpoint, a transformers or compressed-tensors "
+                          "directory, a .gguf file, smollm2-135m, or a hub id (reads its config.json only).",
+                          epilog="examples:\n  slmkit info out/smollm2-w8a8\n  slmkit info out/smollm2-w8a8 --json\n"
+                          "  slmkit info smollm2-135m\n  slmkit info HuggingFaceTB/SmolLM3-3B   # supported? before downloading")
+    info.add_argument("path", help="checkpoint directory or any model source")
+    info.add_argument("--json", action="store_true", help="print the raw manifest (a checkpoint) or the summary")
     info.set_defaults(handler=cmd_info)
     return parser
 

@@ -1,8 +1,11 @@
+import json
 from pathlib import Path
 
 import pytest
 
+import slmkit
 from slmkit.cli import build_parser, main
+from tests.conftest import tiny_model
 
 
 @pytest.mark.parametrize("command", ["run", "eval", "generate", "info", "bench", "export", "serve"])
@@ -81,8 +84,36 @@ def test_bad_calibration_text(capsys, tmp_path, smollm2_path, text, message):
     assert not (tmp_path / "o").exists()
 
 
-def test_info_on_a_non_checkpoint(capsys, tmp_path):
-    _one_line_error(capsys, ["info", str(tmp_path)], "slmkit.json: missing")
+def test_info_on_a_directory_that_holds_no_model(capsys, tmp_path):
+    _one_line_error(capsys, ["info", str(tmp_path)], "directory has no config.json, slmkit.json or single .gguf file")
+
+
+def test_info_describes_any_model_directory_without_loading_it(capsys, tmp_path):
+    import transformers
+
+    tiny_model("gemma3").save_pretrained(tmp_path / "gemma3")  # a plain transformers directory
+    assert main(["info", str(tmp_path / "gemma3")]) == 0
+    out = capsys.readouterr().out
+    assert "transformers directory (not written by slmkit)" in out
+    assert "gemma3_text (slmkit family gemma3)" in out
+    assert "2 blocks, hidden 64, 4 heads / 2 kv heads × 16, FFN 96, vocab 256, context 256" in out
+    assert "1 × sliding window 8, 1 × full" in out and "width pruning   heads, ffn" in out
+    slmkit.save(tiny_model("smollm3"), tmp_path / "smollm3")  # an slmkit checkpoint
+    assert main(["info", str(tmp_path / "smollm3")]) == 0
+    out = capsys.readouterr().out
+    assert "slmkit checkpoint v1" in out and "1 × full, 1 × full (no rotary)" in out and "width pruning   ffn" in out
+    quantized = slmkit.quantize(tiny_model("qwen3"), slmkit.RTNConfig(group_size=32, symmetric=False))
+    slmkit.export(quantized, tmp_path / "vllm")  # compressed-tensors
+    assert main(["info", str(tmp_path / "vllm")]) == 0
+    assert ("compressed-tensors (pack-quantized): W4A16 group 32 asymmetric, 14 linears; not quantized: lm_head"
+            in capsys.readouterr().out)
+    assert main(["info", str(tmp_path / "gemma3"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["kind"] == "hf_dir"
+    config = transformers.OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
+                                    num_attention_heads=2, word_embed_proj_dim=16)
+    config.save_pretrained(tmp_path / "opt")
+    assert main(["info", str(tmp_path / "opt")]) == 0
+    assert "architecture    opt: architecture 'opt' is not supported; supported: " in capsys.readouterr().out
 
 
 def test_debug_shows_traceback(capsys):

@@ -231,6 +231,37 @@ def logit_softcaps(config) -> tuple[float, float]:
             float(getattr(config, "final_logit_softcapping", None) or 0.0))
 
 
+def config_summary(config) -> dict[str, str]:
+    """What a transformers config describes, in words, for ``slmkit info``: the family slmkit walks it as
+    (or why it cannot), blocks and widths, attention kinds, and the dimensions width pruning may shrink."""
+    try:
+        spec = get_spec(config)
+    except SlmkitError as error:
+        return {"architecture": f"{getattr(config, 'model_type', None)}: {error}"}
+    layers = int(getattr(config, "num_hidden_layers", None) or config.n_layer)
+    shapes = {attention_shape(config, i) for i in range(layers)}
+    ffn = sorted({intermediate_size(config, i) for i in range(layers)})
+    heads = ", ".join(f"{s.num_heads} heads / {s.num_kv_heads} kv heads × {s.head_dim}" for s in sorted(shapes))
+    summary = {
+        "architecture": f"{config.model_type} (slmkit family {spec.family})",
+        "shape": (f"{layers} blocks, hidden {config.hidden_size}, {heads}, FFN "
+                  f"{'–'.join(str(w) for w in (ffn[0], ffn[-1])) if len(ffn) > 1 else ffn[0]}, "
+                  f"vocab {config.vocab_size:,}"),
+    }
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if context:
+        summary["shape"] += f", context {context:,}"
+    kinds: dict[str, int] = {}
+    for layer in range(layers):
+        window, rotary = attention_window(config, layer), rotary_key(config, spec, layer)
+        kind = (f"sliding window {window}" if window else "full") + (" (no rotary)" if rotary is None and spec.rotary else "")
+        kinds[kind] = kinds.get(kind, 0) + 1
+    if len(kinds) > 1 or next(iter(kinds)) != "full":
+        summary["attention"] = ", ".join(f"{count} × {kind}" for kind, count in kinds.items())
+    summary["width pruning"] = ", ".join(spec.width_dims)
+    return summary
+
+
 def intermediate_size(config, layer: int) -> int:
     """FFN width of block ``layer`` (per-layer for SlmConfig models)."""
     per_layer = getattr(config, "layer_intermediate_sizes", None)

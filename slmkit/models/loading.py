@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -221,6 +222,32 @@ def _load_hub(repo_id: str, dtype: torch.dtype) -> nn.Module:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise SlmkitError(f"could not load {repo_id!r} from the Hugging Face hub: {hub_failure(repo_id, error)} "
                           f"({first})") from None
+
+
+def load_config(source: str | os.PathLike) -> tuple[str, Path | str, Any]:
+    """(kind, location, transformers config) of any ``load_model`` source, reading no weights: the config of
+    a directory, of a GGUF file's metadata, or from the hub (config.json only) — for ``slmkit info``."""
+    from transformers import AutoConfig
+
+    kind, location = resolve_source(source)
+    if kind == "embedded":
+        kind, location = "gguf", embedded_gguf_path(location)
+    try:
+        if kind == "gguf":
+            try:
+                import gguf as _gguf_reader  # noqa: F401  (transformers needs it to read the file)
+            except ImportError:
+                raise SlmkitError("reading GGUF files needs the 'gguf' package: pip install gguf") from None
+            return kind, location, AutoConfig.from_pretrained(str(location.parent), gguf_file=location.name)
+        return kind, location, AutoConfig.from_pretrained(str(location))
+    except OSError as error:
+        if kind != "hub":
+            raise SlmkitError(f"{location}: cannot read its config ({error})") from None
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SlmkitError(f"could not read the config of {location!r} from the Hugging Face hub: "
+                          f"{hub_failure(location, error)} ({first})") from None
+    except ValueError as error:  # a model_type this transformers does not know
+        raise SlmkitError(f"{location}: {str(error).splitlines()[0]}") from None
 
 
 def parse_device(device: str | torch.device) -> torch.device:

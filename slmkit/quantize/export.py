@@ -209,6 +209,30 @@ def unpack_int32(packed: torch.Tensor, bits: int, columns: int) -> torch.Tensor:
     return (unsigned.reshape(packed.shape[0], -1)[:, :columns] - (1 << (bits - 1))).to(torch.int8)
 
 
+def describe_quantization(config: dict) -> str:
+    """A ``quantization_config`` in words: method, format and each scheme group (e.g. ``compressed-tensors
+    (pack-quantized): W4A16 group 64 asymmetric, 210 linears; lm_head not quantized``), for ``slmkit info``."""
+    text = f"{config.get('quant_method')} ({config.get('format', 'format not named')})"
+    schemes = []
+    for group in (config.get("config_groups") or {}).values():
+        weights, inputs = group.get("weights") or {}, group.get("input_activations") or {}
+        scheme = f"W{weights.get('num_bits', '?')}A{inputs.get('num_bits', 16)}"
+        if weights.get("strategy") == "group":
+            scheme += f" group {weights.get('group_size')}"
+        elif weights.get("strategy"):
+            scheme += f" per {weights['strategy']}"
+        scheme += " symmetric" if weights.get("symmetric", True) else " asymmetric"
+        if inputs:
+            scheme += f", activations per {inputs.get('strategy')}{' dynamic' if inputs.get('dynamic') else ''}"
+        targets = group.get("targets") or []
+        schemes.append(f"{scheme}, {len(targets)} linear{'s' if len(targets) != 1 else ''}")
+    if schemes:
+        text += ": " + "; ".join(schemes)
+    if config.get("ignore"):
+        text += f"; not quantized: {', '.join(config['ignore'][:3])}{' ...' if len(config['ignore']) > 3 else ''}"
+    return text
+
+
 def is_compressed_tensors(path: Path) -> bool:
     """Whether ``path`` holds a compressed-tensors checkpoint (config.json's quantization_config says so)."""
     try:

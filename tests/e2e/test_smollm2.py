@@ -69,6 +69,10 @@ def test_cli_info_and_generate(results, tmp_path, capsys):
     assert main(["info", str(path)]) == 0
     out = capsys.readouterr().out
     assert "smoothquant" in out and "210 × W8A8Linear" in out and "perplexity" in out
+    assert "30 blocks, hidden 576, 9 heads / 3 kv heads × 64, FFN 1536, vocab 49,152, context 8,192" in out
+    assert main(["info", "smollm2-135m"]) == 0  # the embedded GGUF, read without its weights
+    out = capsys.readouterr().out
+    assert "GGUF file" in out and "llama (slmkit family llama)" in out and "30 blocks, hidden 576" in out
     assert main(["generate", str(path), "--prompt", "Say hello.", "--max-new-tokens", "5"]) == 0
     greedy = capsys.readouterr().out.strip()
     assert greedy
