@@ -197,6 +197,16 @@ def _load_hf(location, dtype: torch.dtype) -> nn.Module:
     return AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
 
 
+def _load_local(location: Path, dtype: torch.dtype) -> nn.Module:
+    from safetensors import SafetensorError
+
+    try:
+        return _load_hf(location, dtype)
+    except (OSError, SafetensorError) as error:  # no weight files, unreadable or truncated ones
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SlmkitError(f"{location}: cannot load its weights ({first})") from None
+
+
 def hub_failure(repo_id: str, error: OSError) -> str:
     """Why transformers could not load ``repo_id`` from the hub, in words, from the hub error it wraps:
     a gated or missing repository, or no connection (with the setting that skips the hub's retries)."""
@@ -215,13 +225,17 @@ def hub_failure(repo_id: str, error: OSError) -> str:
             "reachable or pass a local path (HF_HUB_OFFLINE=1 skips the hub's retries)")
 
 
+def hub_error(repo_id: str, error: OSError) -> SlmkitError:
+    """The one-line error for ``repo_id`` that transformers could not fetch (its config or its weights)."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return SlmkitError(f"could not load {repo_id!r} from the Hugging Face hub: {hub_failure(repo_id, error)} ({first})")
+
+
 def _load_hub(repo_id: str, dtype: torch.dtype) -> nn.Module:
     try:
         return _load_hf(repo_id, dtype)
     except OSError as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise SlmkitError(f"could not load {repo_id!r} from the Hugging Face hub: {hub_failure(repo_id, error)} "
-                          f"({first})") from None
+        raise hub_error(repo_id, error) from None
 
 
 def load_config(source: str | os.PathLike) -> tuple[str, Path | str, Any]:
@@ -243,9 +257,7 @@ def load_config(source: str | os.PathLike) -> tuple[str, Path | str, Any]:
     except OSError as error:
         if kind != "hub":
             raise SlmkitError(f"{location}: cannot read its config ({error})") from None
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise SlmkitError(f"could not read the config of {location!r} from the Hugging Face hub: "
-                          f"{hub_failure(location, error)} ({first})") from None
+        raise hub_error(location, error) from None
     except ValueError as error:  # a model_type this transformers does not know
         raise SlmkitError(f"{location}: {str(error).splitlines()[0]}") from None
 
@@ -304,7 +316,9 @@ def load_model(
             location = convert_gguf(embedded_gguf_path(location), _assets.cache_dir() / "models" / location)
         elif kind == "gguf":
             location = convert_gguf(location, _gguf_cache_dir(location))
-        model = _load_hub(location, dtype) if kind == "hub" else _load_hf(location, dtype)
+        else:  # config.json first: an unsupported family fails before gigabytes of weights download
+            get_spec(load_config(location)[2])
+        model = _load_hub(location, dtype) if kind == "hub" else _load_local(location, dtype)
         tokenizer = _load_tokenizer(location)
         if tokenizer is not None and kind in ("embedded", "gguf"):  # also mends conversions cached before the fix
             align_special_tokens(tokenizer, model.config)

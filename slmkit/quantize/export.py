@@ -264,6 +264,7 @@ def load_compressed_tensors(path: str | os.PathLike, dtype: torch.dtype = torch.
 
     slmkit's own exports come back bit-exactly, with their original group sizes and history.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -280,7 +281,10 @@ def load_compressed_tensors(path: str | os.PathLike, dtype: torch.dtype = torch.
         raise SlmkitError(f"{path}: no .safetensors files")
     state = {}
     for file in files:
-        state.update(load_file(str(file)))
+        try:
+            state.update(load_file(str(file)))
+        except (OSError, SafetensorError) as error:
+            raise SlmkitError(f"{file}: cannot read it ({error}); export the model again") from None
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     modules = {}
     for group in quant.get("config_groups", {}).values():

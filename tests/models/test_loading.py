@@ -74,6 +74,9 @@ def test_unsupported_architecture(tmp_path):
     transformers.OPTForCausalLM(config).save_pretrained(tmp_path / "opt")
     with pytest.raises(SlmkitError, match="architecture 'opt' is not supported"):
         slmkit.load_model(tmp_path / "opt")
+    config.save_pretrained(tmp_path / "opt-config-only")  # refused from config.json, before any weights are read
+    with pytest.raises(SlmkitError, match="architecture 'opt' is not supported"):
+        slmkit.load_model(tmp_path / "opt-config-only")
 
 
 def test_embedded_default_loads_with_tokenizer(smollm2_path):
@@ -171,3 +174,16 @@ def test_devices_this_machine_lacks_are_refused_in_one_line():
     else:
         with pytest.raises(SlmkitError, match=r"this machine has \d+ CUDA GPU"):
             parse_device(f"cuda:{torch.cuda.device_count()}")
+
+
+def test_a_directory_without_readable_weights_is_a_one_line_error(tmp_path):
+    from tests.conftest import tiny_config
+
+    tiny_config("llama").save_pretrained(tmp_path / "config-only")
+    with pytest.raises(SlmkitError, match=r"config-only: cannot load its weights \(Error no file named model"):
+        slmkit.load_model(tmp_path / "config-only")
+    tiny_model("llama").save_pretrained(tmp_path / "truncated")
+    weights = tmp_path / "truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(SlmkitError, match=r"truncated: cannot load its weights \(Error while deserializing header"):
+        slmkit.load_model(tmp_path / "truncated")

@@ -112,3 +112,11 @@ def test_cli_export_writes_once_and_refuses_to_overwrite(tmp_path, capsys):
     reloaded = slmkit.load_model(tmp_path / "w4-vllm")
     with torch.no_grad():
         assert torch.equal(reloaded(TOKENS).logits, model(TOKENS).logits)
+
+
+def test_a_truncated_export_is_a_one_line_error(tmp_path):
+    path = slmkit.export(quantize(tiny_model("llama"), RTNConfig(group_size=16)), tmp_path / "vllm")
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:3000])
+    with pytest.raises(SlmkitError, match=r"model.safetensors: cannot read it \(.*\); export the model again"):
+        slmkit.load_model(path)
