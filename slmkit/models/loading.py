@@ -111,10 +111,14 @@ def convert_gguf(gguf: Path, destination: Path) -> Path:
     except ImportError:
         raise SlmkitError("loading GGUF files needs the 'gguf' package: pip install gguf") from None
     folder, name = str(gguf.parent), gguf.name
-    print(f"slmkit: dequantizing {gguf} (first load only) ...")
-    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    tokenizer = exact_decoding(AutoTokenizer.from_pretrained(folder, gguf_file=name))
-    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    try:
+        config = AutoConfig.from_pretrained(folder, gguf_file=name)
+        get_spec(config)  # an unsupported family fails before the dequantization
+        print(f"slmkit: dequantizing {gguf} (first load only) ...")
+        quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        tokenizer = exact_decoding(AutoTokenizer.from_pretrained(folder, gguf_file=name))
+    except (ValueError, OSError) as error:  # not GGUF, truncated, or an architecture transformers cannot read
+        raise SlmkitError(f"{gguf}: cannot read it as a GGUF model ({_first_line(error)})") from None
     align_special_tokens(tokenizer, config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights are float now; keep transformers from refusing
@@ -133,6 +137,12 @@ def convert_gguf(gguf: Path, destination: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return destination
+
+
+def _first_line(error: Exception) -> str:
+    """The first line of an error's message (its type name when it has none)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _looks_like_path(source: str) -> bool:
@@ -203,8 +213,7 @@ def _load_local(location: Path, dtype: torch.dtype) -> nn.Module:
     try:
         return _load_hf(location, dtype)
     except (OSError, SafetensorError) as error:  # no weight files, unreadable or truncated ones
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise SlmkitError(f"{location}: cannot load its weights ({first})") from None
+        raise SlmkitError(f"{location}: cannot load its weights ({_first_line(error)})") from None
 
 
 def hub_failure(repo_id: str, error: OSError) -> str:
@@ -227,8 +236,8 @@ def hub_failure(repo_id: str, error: OSError) -> str:
 
 def hub_error(repo_id: str, error: OSError) -> SlmkitError:
     """The one-line error for ``repo_id`` that transformers could not fetch (its config or its weights)."""
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return SlmkitError(f"could not load {repo_id!r} from the Hugging Face hub: {hub_failure(repo_id, error)} ({first})")
+    return SlmkitError(f"could not load {repo_id!r} from the Hugging Face hub: {hub_failure(repo_id, error)} "
+                       f"({_first_line(error)})")
 
 
 def _load_hub(repo_id: str, dtype: torch.dtype) -> nn.Module:
@@ -254,12 +263,11 @@ def load_config(source: str | os.PathLike) -> tuple[str, Path | str, Any]:
                 raise SlmkitError("reading GGUF files needs the 'gguf' package: pip install gguf") from None
             return kind, location, AutoConfig.from_pretrained(str(location.parent), gguf_file=location.name)
         return kind, location, AutoConfig.from_pretrained(str(location))
-    except OSError as error:
-        if kind != "hub":
-            raise SlmkitError(f"{location}: cannot read its config ({error})") from None
-        raise hub_error(location, error) from None
-    except ValueError as error:  # a model_type this transformers does not know
-        raise SlmkitError(f"{location}: {str(error).splitlines()[0]}") from None
+    except (OSError, ValueError) as error:  # unreadable, not GGUF, a model_type this transformers does not know
+        if kind == "hub" and isinstance(error, OSError):
+            raise hub_error(location, error) from None
+        what = "cannot read it as a GGUF model" if kind == "gguf" else "cannot read its config"
+        raise SlmkitError(f"{location}: {what} ({_first_line(error)})") from None
 
 
 def parse_device(device: str | torch.device) -> torch.device:

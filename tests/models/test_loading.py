@@ -187,3 +187,15 @@ def test_a_directory_without_readable_weights_is_a_one_line_error(tmp_path):
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(SlmkitError, match=r"truncated: cannot load its weights \(Error while deserializing header"):
         slmkit.load_model(tmp_path / "truncated")
+
+
+def test_an_unreadable_gguf_is_a_one_line_error_and_caches_nothing(tmp_path, monkeypatch):
+    from slmkit.models.loading import embedded_gguf_path
+
+    monkeypatch.setenv("SLMKIT_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf file")
+    (tmp_path / "cut.gguf").write_bytes(embedded_gguf_path().read_bytes()[:2_000_000])  # header fine, tensors cut
+    for name in ("junk.gguf", "cut.gguf"):  # the reason in parentheses is the gguf reader's, version-dependent
+        with pytest.raises(SlmkitError, match=rf"{name}: cannot read it as a GGUF model \(.+\)$"):
+            slmkit.load_model(tmp_path / name)
+    assert not (tmp_path / "cache" / "models").exists() or not any((tmp_path / "cache" / "models").iterdir())
