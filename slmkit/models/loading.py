@@ -13,6 +13,7 @@ import hashlib
 import importlib.metadata
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -197,7 +198,13 @@ def _load_tokenizer(location, **kwargs):
     try:
         return exact_decoding(AutoTokenizer.from_pretrained(location, **kwargs))
     except (OSError, ValueError) as error:
-        print(f"slmkit: no tokenizer for {location} ({str(error).splitlines()[0]})")
+        files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+        if Path(location).is_dir() and not any((Path(location) / name).is_file() for name in files):
+            reason = "the directory has no tokenizer files"
+        else:
+            reason = _first_line(error)
+        # stderr: a warning, not output (generate's text, served JSON)
+        print(f"slmkit: no tokenizer for {location} ({reason}); text needs one, token ids work", file=sys.stderr)
         return None
 
 

@@ -199,3 +199,12 @@ def test_an_unreadable_gguf_is_a_one_line_error_and_caches_nothing(tmp_path, mon
         with pytest.raises(SlmkitError, match=rf"{name}: cannot read it as a GGUF model \(.+\)$"):
             slmkit.load_model(tmp_path / name)
     assert not (tmp_path / "cache" / "models").exists() or not any((tmp_path / "cache" / "models").iterdir())
+
+
+def test_a_directory_without_a_tokenizer_loads_and_says_so_on_stderr(tmp_path, capsys):
+    tiny_model("llama").save_pretrained(tmp_path / "no-tokenizer")
+    model = slmkit.load_model(tmp_path / "no-tokenizer")
+    assert model.slmkit.tokenizer is None
+    captured = capsys.readouterr()
+    assert "no-tokenizer (the directory has no tokenizer files); text needs one, token ids work" in captured.err
+    assert "no tokenizer" not in captured.out  # stdout stays for output (generated text, JSON)
