@@ -115,7 +115,7 @@ def convert_gguf(gguf: Path, destination: Path) -> Path:
     try:
         config = AutoConfig.from_pretrained(folder, gguf_file=name)
         get_spec(config)  # an unsupported family fails before the dequantization
-        print(f"slmkit: dequantizing {gguf} (first load only) ...")
+        print(f"slmkit: dequantizing {gguf} (first load only) ...", file=sys.stderr)  # not into output
         quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
         tokenizer = exact_decoding(AutoTokenizer.from_pretrained(folder, gguf_file=name))
     except (ValueError, OSError) as error:  # not GGUF, truncated, or an architecture transformers cannot read

@@ -189,7 +189,7 @@ def test_a_directory_without_readable_weights_is_a_one_line_error(tmp_path):
         slmkit.load_model(tmp_path / "truncated")
 
 
-def test_an_unreadable_gguf_is_a_one_line_error_and_caches_nothing(tmp_path, monkeypatch):
+def test_an_unreadable_gguf_is_a_one_line_error_and_caches_nothing(tmp_path, monkeypatch, capsys):
     from slmkit.models.loading import embedded_gguf_path
 
     monkeypatch.setenv("SLMKIT_CACHE", str(tmp_path / "cache"))
@@ -199,6 +199,17 @@ def test_an_unreadable_gguf_is_a_one_line_error_and_caches_nothing(tmp_path, mon
         with pytest.raises(SlmkitError, match=rf"{name}: cannot read it as a GGUF model \(.+\)$"):
             slmkit.load_model(tmp_path / name)
     assert not (tmp_path / "cache" / "models").exists() or not any((tmp_path / "cache" / "models").iterdir())
+    import transformers
+
+    def stop(*args, **kwargs):
+        raise OSError("stopped here")
+
+    (tmp_path / "whole.gguf").symlink_to(embedded_gguf_path())  # readable: its dequantization begins
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", stop)
+    with pytest.raises(SlmkitError, match=r"whole.gguf: cannot read it as a GGUF model \(stopped here\)"):
+        slmkit.load_model(tmp_path / "whole.gguf")
+    captured = capsys.readouterr()
+    assert "slmkit: dequantizing" in captured.err and "dequantizing" not in captured.out  # stdout is for output
 
 
 def test_a_directory_without_a_tokenizer_loads_and_says_so_on_stderr(tmp_path, capsys):
