@@ -101,16 +101,21 @@ def align_special_tokens(tokenizer, config) -> dict[str, tuple[str | None, str]]
     return changed
 
 
+def _require_gguf() -> None:
+    """transformers reads GGUF files through the ``gguf`` package: a one-line error when it is missing."""
+    try:
+        import gguf as _gguf_reader  # noqa: F401
+    except ImportError:
+        raise SlmkitError("reading GGUF files needs the 'gguf' package: pip install gguf") from None
+
+
 def convert_gguf(gguf: Path, destination: Path) -> Path:
     """Dequantize a GGUF checkpoint into a float32 safetensors HF directory (atomic; cached)."""
     if (destination / "config.json").is_file():
         return destination
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    try:
-        import gguf as _gguf_reader  # noqa: F401  (transformers needs it to read the file)
-    except ImportError:
-        raise SlmkitError("loading GGUF files needs the 'gguf' package: pip install gguf") from None
+    _require_gguf()
     folder, name = str(gguf.parent), gguf.name
     try:
         config = AutoConfig.from_pretrained(folder, gguf_file=name)
@@ -264,10 +269,7 @@ def load_config(source: str | os.PathLike) -> tuple[str, Path | str, Any]:
         kind, location = "gguf", embedded_gguf_path(location)
     try:
         if kind == "gguf":
-            try:
-                import gguf as _gguf_reader  # noqa: F401  (transformers needs it to read the file)
-            except ImportError:
-                raise SlmkitError("reading GGUF files needs the 'gguf' package: pip install gguf") from None
+            _require_gguf()
             return kind, location, AutoConfig.from_pretrained(str(location.parent), gguf_file=location.name)
         return kind, location, AutoConfig.from_pretrained(str(location))
     except (OSError, ValueError) as error:  # unreadable, not GGUF, a model_type this transformers does not know
