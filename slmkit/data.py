@@ -227,7 +227,8 @@ def token_blocks(tokenizer, config: DataConfig, texts: list[str] | None = None) 
     ``texts``: the documents of ``config``'s source when the caller already loaded them.
     """
     if tokenizer is None:
-        raise SlmkitError("this model has no tokenizer; load it with slmkit.load_model or pass one")
+        raise SlmkitError("this model has no tokenizer to turn text into tokens: save one beside its weights "
+                          "(AutoTokenizer.from_pretrained(SRC).save_pretrained(DIR)) and load DIR again")
     if texts is None:
         texts = load_texts(config.source, config.split)
     stream = tokenize_stream(tokenizer, texts)

@@ -64,6 +64,6 @@ def test_vocabulary_mismatch_is_refused(text_file, smollm2_tokenizer):
 
 
 def test_model_without_tokenizer_is_a_clear_error(text_file):
-    with pytest.raises(SlmkitError, match="no tokenizer"):
+    with pytest.raises(SlmkitError, match="no tokenizer to turn text into tokens: save one beside its weights"):
         slmkit.evaluate(tiny_model("llama"), config=slmkit.EvalConfig(source=text_file, split="all",
                                                                       max_tokens=128, seq_len=64))
