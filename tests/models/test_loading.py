@@ -194,7 +194,8 @@ def test_an_unreadable_gguf_is_a_one_line_error_and_caches_nothing(tmp_path, mon
 
     monkeypatch.setenv("SLMKIT_CACHE", str(tmp_path / "cache"))
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf file")
-    (tmp_path / "cut.gguf").write_bytes(embedded_gguf_path().read_bytes()[:2_000_000])  # header fine, tensors cut
+    with open(embedded_gguf_path(), "rb") as whole:  # header fine, tensors cut
+        (tmp_path / "cut.gguf").write_bytes(whole.read(2_000_000))
     for name in ("junk.gguf", "cut.gguf"):  # the reason in parentheses is the gguf reader's, version-dependent
         with pytest.raises(SlmkitError, match=rf"{name}: cannot read it as a GGUF model \(.+\)$"):
             slmkit.load_model(tmp_path / name)
