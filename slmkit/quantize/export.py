@@ -211,7 +211,7 @@ def unpack_int32(packed: torch.Tensor, bits: int, columns: int) -> torch.Tensor:
 
 def describe_quantization(config: dict) -> str:
     """A ``quantization_config`` in words: method, format and each scheme group (e.g. ``compressed-tensors
-    (pack-quantized): W4A16 group 64 asymmetric, 210 linears; lm_head not quantized``), for ``slmkit info``."""
+    (pack-quantized): W4A16 group 64 asymmetric, 210 linears; not quantized: lm_head``), for ``slmkit info``."""
     text = f"{config.get('quant_method')} ({config.get('format', 'format not named')})"
     schemes = []
     for group in (config.get("config_groups") or {}).values():
