@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from slmkit._files import save_tensors_atomic, write_text_atomic
 from slmkit._processes import is_main_process, wait_for_everyone
-from slmkit.errors import SlmkitError
+from slmkit.errors import SlmkitError, first_line
 from slmkit.models.arch import blocks, get_spec
 from slmkit.models.record import get_record
 
@@ -170,7 +170,7 @@ def _read_tensors(file: Path, what: str, remedy: str,
             parsed = parse(handle.metadata() or {})
             return {name: handle.get_tensor(name) for name in handle.keys()}, parsed
     except Exception as error:
-        raise SlmkitError(f"{file}: cannot read {what} ({str(error).splitlines()[0][:200]}); {remedy}") from None
+        raise SlmkitError(f"{file}: cannot read {what} ({first_line(error, 200)}); {remedy}") from None
 
 
 class WalkCheckpoint:
@@ -315,7 +315,7 @@ class WalkCheckpoint:
         try:
             block.load_state_dict(tensors, strict=True)
         except RuntimeError as error:
-            raise SlmkitError(f"{file}: does not fit block {index} ({str(error).splitlines()[0][:200]})") from None
+            raise SlmkitError(f"{file}: does not fit block {index} ({first_line(error, 200)})") from None
         get_record(model).modules.update(modules)
 
     def restore_metrics(self, model: nn.Module) -> None:

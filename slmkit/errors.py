@@ -10,7 +10,16 @@ class SlmkitError(Exception):
     """An error caused by user input or environment, with a message written for the user."""
 
 
-def first_line(error: BaseException) -> str:
-    """The first line of an error's message (its type name when it has none): the part a one-line error quotes."""
+def first_line(error: BaseException, limit: int | None = None) -> str:
+    """The first line of an error's message (its type name when it has none): the part a one-line error quotes.
+
+    ``limit`` cuts the line to that many characters (a library's message can be a whole page on one line).
+
+    >>> first_line(ValueError("bad header\\nat byte 12"))
+    'bad header'
+    >>> first_line(KeyError())
+    'KeyError'
+    """
     text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    line = text.splitlines()[0] if text else type(error).__name__
+    return line if limit is None else line[:limit]

@@ -41,7 +41,7 @@ from slmkit._files import ensure_new, save_tensors_atomic, write_text_atomic
 from slmkit._processes import is_main_process, process_state, wait_for_everyone
 from slmkit.config import BaseConfig, ConfigError, StepContext, apply_step, config_from_step, lookup
 from slmkit.data import DataConfig, calibration_blocks, load_calibration_texts, load_texts
-from slmkit.errors import SlmkitError
+from slmkit.errors import SlmkitError, first_line
 from slmkit.eval import EvalConfig, EvalReport, evaluate
 from slmkit.models.checkpoint import save
 from slmkit.models.loading import DEFAULT_MODEL, load_model
@@ -179,7 +179,7 @@ class Recipe:
         try:
             data = _load_yaml(path.read_text())
         except yaml.YAMLError as error:
-            raise SlmkitError(f"{path}: invalid YAML ({str(error).splitlines()[0]})") from None
+            raise SlmkitError(f"{path}: invalid YAML ({first_line(error)})") from None
         return cls.from_dict(apply_overrides(data, overrides, path.name), name=path.name)
 
     def to_dict(self) -> dict[str, Any]:
@@ -253,7 +253,7 @@ def _calibration(model, recipe: Recipe, texts: dict[str, list[str]] | None, part
         try:
             return load_file(str(file))["tokens"]
         except Exception as error:  # truncated or foreign file: make the blocks again
-            print(f"slmkit: {file} unreadable ({str(error).splitlines()[0][:120]}); making the calibration again")
+            print(f"slmkit: {file} unreadable ({first_line(error, 120)}); making the calibration again")
     calib = calibration_blocks(model, recipe.calibration, texts)
     if file is not None and is_main_process():
         save_tensors_atomic(file, {"tokens": calib.contiguous()})

@@ -21,7 +21,7 @@ from torch import nn
 
 from slmkit._files import default_modes, ensure_new
 from slmkit._version import CHECKPOINT_FORMAT_VERSION, __version__
-from slmkit.errors import SlmkitError
+from slmkit.errors import SlmkitError, first_line
 from slmkit.models import compression
 from slmkit.models.arch import set_module
 from slmkit.models.record import ModelRecord, attach_record, get_record, require_model
@@ -220,7 +220,7 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32)
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as error:
-        raise SlmkitError(f"{path / 'config.json'}: missing or corrupt ({str(error).splitlines()[0]})") from None
+        raise SlmkitError(f"{path / 'config.json'}: missing or corrupt ({first_line(error)})") from None
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     rebuild_modules(model, manifest.get("modules", {}), dtype, where=path / MANIFEST)
     try:
@@ -229,7 +229,7 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32)
     except SlmkitError as error:
         raise SlmkitError(f"{path / WEIGHTS}: {error}") from None
     except Exception as error:  # safetensors/torch raise several types for truncated or mismatched files
-        raise SlmkitError(f"{path / WEIGHTS}: cannot load ({str(error).splitlines()[0][:200]})") from None
+        raise SlmkitError(f"{path / WEIGHTS}: cannot load ({first_line(error, 200)})") from None
     _check_complete(model, path, result, manifest.get("aliases"))
     tokenizer = None
     if (path / "tokenizer_config.json").is_file():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from slmkit.errors import SlmkitError
+from slmkit.errors import SlmkitError, first_line
 from slmkit.models.arch import block_linears, blocks, get_spec
 from slmkit.prune.masks import is_n_m_sparse
 
@@ -54,7 +54,7 @@ def to_semi_structured(model: nn.Module) -> dict[str, str]:
                 try:
                     sparse = to_sparse_semi_structured(weight.data)
                 except (RuntimeError, ValueError) as error:  # shape constraints of the sparse kernels
-                    result[path] = f"unsupported by the sparse kernels ({str(error).splitlines()[0][:120]})"
+                    result[path] = f"unsupported by the sparse kernels ({first_line(error, 120)})"
                     continue
                 module.weight = nn.Parameter(sparse, requires_grad=False)
                 result[path] = "2:4 sparse"

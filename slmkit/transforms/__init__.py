@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from slmkit.config import BaseConfig, ConfigError, apply_step
-from slmkit.errors import SlmkitError
+from slmkit.errors import SlmkitError, first_line
 from slmkit.transforms.layerwise_scaling import LayerwiseScalingConfig
 from slmkit.transforms.layerwise_scaling import design_config as _layerwise_design
 from slmkit.transforms.shared_ffn import SharedFFNConfig
@@ -72,7 +72,7 @@ def build_model(base, config: BaseConfig, seed: int = 0, dtype: torch.dtype = to
         try:
             base = AutoConfig.from_pretrained(base)
         except (OSError, ValueError) as error:
-            raise SlmkitError(f"cannot read a model config from {base!r} ({str(error).splitlines()[0]})") from None
+            raise SlmkitError(f"cannot read a model config from {base!r} ({first_line(error)})") from None
     slm_config = design(base, config)
     torch.manual_seed(seed)
     return SlmForCausalLM(slm_config).to(dtype)  # in training mode, ready to pretrain

@@ -96,6 +96,18 @@ def test_corrupt_and_missing_files_are_named(quantized, tmp_path):
         slmkit.load_model(path)
 
 
+def test_a_weights_error_with_no_message_is_still_one_line(quantized, tmp_path, monkeypatch):
+    # a library error whose message is empty (str(KeyError()) == '') must not become an IndexError
+    path = slmkit.save(quantized, tmp_path / "ckpt")
+
+    def fail(*args, **kwargs):
+        raise KeyError()
+
+    monkeypatch.setattr("safetensors.torch.load_file", fail)
+    with pytest.raises(SlmkitError, match=r"model.safetensors: cannot load \(KeyError\)$"):
+        load_checkpoint(path)
+
+
 def test_newer_format_is_refused(quantized, tmp_path):
     path = slmkit.save(quantized, tmp_path / "ckpt")
     manifest = json.loads((path / "slmkit.json").read_text())
