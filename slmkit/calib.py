@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from slmkit._files import save_tensors_atomic, write_text_atomic
 from slmkit._processes import is_main_process, wait_for_everyone
 from slmkit.errors import SlmkitError, first_line
-from slmkit.models.arch import blocks, get_spec
+from slmkit.models.arch import blocks, check_context, get_spec
 from slmkit.models.record import get_record
 
 
@@ -464,6 +464,7 @@ def layerwise(
     """
     if tokens.ndim != 2 or tokens.numel() == 0:
         raise SlmkitError(f"calibration tokens must be a non-empty (num_blocks, block_len) tensor, got {tuple(tokens.shape)}")
+    check_context(model, tokens.shape[1], "a calibration block")
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
     layers = blocks(model)

@@ -305,8 +305,10 @@ def calibration_blocks(model, config: DataConfig, texts: dict[str, list[str]] | 
     one more when the count does not divide), in that order. ``texts``: the documents from
     :func:`load_calibration_texts` when the caller already read them.
     """
+    from slmkit.models.arch import check_context
     from slmkit.models.record import get_record
 
+    check_context(model, config.block_len, "a calibration block (block_len)")
     parts = source_parts(config.source)
     texts = texts if texts is not None else load_calibration_texts(config)
     blocks = []

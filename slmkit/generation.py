@@ -46,6 +46,8 @@ def generate(model: nn.Module, prompt: str, max_new_tokens: int = 64, temperatur
         text = prompt
     device = next(model.parameters()).device
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(device)
+    if inputs["input_ids"].shape[1] == 0:  # as the engine says; HF generate would fail deep in attention
+        raise SlmkitError("the prompt is empty: give at least one token")
     sampling = temperature > 0
     options = dict(do_sample=sampling, max_new_tokens=max_new_tokens,
                    pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)

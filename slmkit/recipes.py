@@ -43,6 +43,7 @@ from slmkit.config import BaseConfig, ConfigError, StepContext, apply_step, conf
 from slmkit.data import DataConfig, calibration_blocks, load_calibration_texts, load_texts
 from slmkit.errors import SlmkitError, first_line
 from slmkit.eval import EvalConfig, EvalReport, evaluate
+from slmkit.models.arch import check_context
 from slmkit.models.checkpoint import save
 from slmkit.models.loading import DEFAULT_MODEL, load_model
 from slmkit.models.record import get_record
@@ -313,6 +314,11 @@ def run_recipe(recipe: Recipe | str | os.PathLike, output: str | os.PathLike | N
     else:
         current = load_model(recipe.model, device=device)
     seconds["load"] = time.perf_counter() - start
+    # windows longer than the model takes fail now, not after hours of steps
+    if recipe.evaluation is not None:
+        check_context(current, recipe.evaluation.seq_len, "the evaluation window (evaluation.seq_len)")
+    if any(lookup(step).needs_calibration for step in recipe.steps[done:]):
+        check_context(current, recipe.calibration.block_len, "a calibration block (calibration.block_len)")
 
     calib = None
     for index, step in enumerate(recipe.steps):

@@ -71,6 +71,8 @@ def test_shrink_gram_keeps_the_diagonal_and_damps_the_rest():
 def test_bad_tokens_are_refused():
     with pytest.raises(SlmkitError, match="non-empty"):
         next(calibration.layerwise(tiny_model("llama"), torch.zeros(0, dtype=torch.long)))
+    with pytest.raises(SlmkitError, match="a calibration block is 300 tokens, above the model's maximum of 256"):
+        next(calibration.layerwise(tiny_model("llama"), torch.zeros(2, 300, dtype=torch.long)))
 
 
 # --- resuming an interrupted walk -----------------------------------------------------------------------

@@ -143,6 +143,10 @@ def test_generate_function_checks_sampling_as_the_engine_does(smollm2_path):
     model = slmkit.load_model(smollm2_path)
     with pytest.raises(SlmkitError, match=r"top_p must be in \(0, 1\], got 1.5"):
         slmkit.generate(model, "hi", temperature=0.7, top_p=1.5)
+    # without the chat template an empty prompt is no tokens at all: HF generate failed deep in attention
+    with pytest.raises(SlmkitError, match="the prompt is empty: give at least one token"):
+        slmkit.generate(model, "", chat=False)
+    assert isinstance(slmkit.generate(model, "", max_new_tokens=2), str)  # the template's own tokens suffice
 
 
 def test_serve_refuses_a_bad_or_taken_port_before_loading(capsys):

@@ -199,6 +199,23 @@ def test_mixed_calibration_source_feeds_the_step_and_bad_parts_fail_first(tiny_d
         run_recipe(Recipe.from_dict(data))
 
 
+
+@pytest.mark.parametrize("section, key, message", [
+    ("evaluation", "seq_len", r"the evaluation window \(evaluation.seq_len\) is 512 tokens, above the model's maximum of 256"),
+    ("calibration", "block_len", r"a calibration block \(calibration.block_len\) is 512 tokens, above the model's "
+                                 r"maximum of 256"),
+])
+def test_windows_longer_than_the_model_fail_before_the_first_step(tiny_dir, section, key, message):
+    model_dir, text = tiny_dir
+    data = _recipe(model_dir, text, [{"test_flaky": {}}, {"gptq": {"group_size": 16}}])
+    data[section][key] = 512
+    data["evaluation"]["max_tokens"] = 512
+    FAIL.update(now=False, calls=0)
+    with pytest.raises(SlmkitError, match=message):
+        run_recipe(Recipe.from_dict(data))
+    assert FAIL["calls"] == 0  # refused before any step ran
+
+
 def test_interrupted_run_resumes_after_the_last_finished_step(tiny_dir, tmp_path):
     model_dir, text = tiny_dir
     recipe = Recipe.from_dict(_recipe(model_dir, text, [{"smoothquant": {}}, {"test_flaky": {}}]))

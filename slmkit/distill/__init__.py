@@ -17,9 +17,10 @@ from torch import nn
 from slmkit.config import StepContext, register
 from slmkit.data import DataConfig, token_blocks
 from slmkit.distill.config import DistillConfig
-from slmkit.distill.trainer import DistillTrainer, check_lengths, check_pair, checkpoint_dirs
+from slmkit.distill.trainer import DistillTrainer, check_pair, checkpoint_dirs
 from slmkit.errors import SlmkitError
 from slmkit.models.record import get_record
+from slmkit.models.arch import check_context
 
 
 def _blocks(data, config: DataConfig, tokenizer, what: str) -> torch.Tensor:
@@ -65,10 +66,10 @@ def _train(student: nn.Module, teacher: nn.Module, config: DistillConfig, data, 
     train_blocks = _blocks(data, config.data, tokenizer, "data")
     eval_blocks = _blocks(eval_data, config.eval.data_config(), tokenizer, "eval_data")
     for model, who in ((student, "student"), (teacher, "teacher")):
-        check_lengths(model, train_blocks.shape[1], f"the training block length (for the {who})")
-        check_lengths(model, eval_blocks.shape[1], f"the evaluation window (for the {who})")
+        check_context(model, train_blocks.shape[1], f"the training block length (for the {who})")
+        check_context(model, eval_blocks.shape[1], f"the evaluation window (for the {who})")
         if config.mode != "off_policy":
-            check_lengths(model, config.prompt_len + config.max_new_tokens,
+            check_context(model, config.prompt_len + config.max_new_tokens,
                           f"prompt_len + max_new_tokens (for the {who})")
     if config.mode != "off_policy" and config.prompt_len > train_blocks.shape[1]:
         raise SlmkitError(f"prompt_len ({config.prompt_len}) is longer than the training blocks "

@@ -113,14 +113,6 @@ def check_pair(student: nn.Module, teacher: nn.Module) -> None:
                           "quantizing (prune → distill → quantize)")
 
 
-def check_lengths(model: nn.Module, length: int, what: str) -> None:
-    """Fail when ``length`` tokens exceed what ``model`` handles (its max_position_embeddings)."""
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit is not None and length > limit:
-        raise SlmkitError(f"{what} is {length} tokens, above the model's maximum of {limit} "
-                          "(max_position_embeddings); use shorter blocks")
-
-
 def layer_pairs(student: nn.Module, teacher: nn.Module, config: DistillConfig) -> list[tuple[int, int]]:
     """The (student block, teacher block) pairs of the hidden-state loss ([] when it is off)."""
     if config.hidden_weight == 0:

@@ -29,7 +29,7 @@ from slmkit.engine.scheduler import Scheduler, Sequence
 from slmkit.engine.speculative import NgramIndex, accept_greedy
 from slmkit.errors import SlmkitError
 from slmkit.kernels._launch import HAVE_TRITON
-from slmkit.models.arch import attention_shape, blocks, get_spec
+from slmkit.models.arch import attention_shape, blocks, context_length, get_spec
 from slmkit.models.record import get_record, require_model
 
 DEFAULT_GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
@@ -131,7 +131,7 @@ def _free_memory(device: torch.device) -> int:
 
 
 def _max_model_len(config, limit: int | None) -> int:
-    model_limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 8192
+    model_limit = context_length(config) or 8192
     window = getattr(config, "sliding_window", None)
     # configs with layer_types say which layers slide (the runner applies their windows); others, such as
     # Mistral's, slide in every layer: there requests stay within the window, where attention is full

@@ -11,11 +11,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from slmkit.config import BaseConfig, check_range, check_type
+from slmkit.config import BaseConfig, ConfigError, check_range, check_type
 from slmkit.data import DataConfig, token_blocks
 from slmkit.errors import SlmkitError
 from slmkit.eval import metrics
 from slmkit.eval.report import EvalReport, peak_memory_bytes, weight_bytes, weight_count
+from slmkit.models.arch import check_context
 from slmkit.models.record import get_record, require_model
 
 
@@ -32,7 +33,10 @@ class EvalConfig(BaseConfig):
     def __post_init__(self):
         check_type("source", self.source, str)
         check_range("seq_len", self.seq_len, 2, 1_000_000, int)
-        check_range("max_tokens", self.max_tokens, self.seq_len, 1_000_000_000, int)
+        check_range("max_tokens", self.max_tokens, 1, 1_000_000_000, int)
+        if self.max_tokens < self.seq_len:
+            raise ConfigError(f"max_tokens ({self.max_tokens}) must be at least seq_len ({self.seq_len}): "
+                              "the text is scored in whole windows of seq_len tokens")
         check_range("batch_size", self.batch_size, 1, 65536, int)
         self.data_config()  # validates split
 
@@ -116,10 +120,13 @@ def evaluate(model: nn.Module, reference: nn.Module | str | None = None, config:
     """
     require_model(model, "slmkit.evaluate")
     config = config or EvalConfig()
+    check_context(model, config.seq_len, "the evaluation window (seq_len)")  # before loading a reference
     if isinstance(reference, str):
         from slmkit.models.loading import load_model
 
         reference = load_model(reference, device=_device_of(model))
+    if reference is not None:
+        check_context(reference, config.seq_len, "the evaluation window (seq_len, for the reference)")
     tokenizer = tokenizer or get_record(model).tokenizer
     if tokenizer is None and reference is not None:
         tokenizer = get_record(reference).tokenizer

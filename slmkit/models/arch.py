@@ -231,6 +231,26 @@ def logit_softcaps(config) -> tuple[float, float]:
             float(getattr(config, "final_logit_softcapping", None) or 0.0))
 
 
+def context_length(config) -> int | None:
+    """The most positions the model is built for (``max_position_embeddings``, GPT-2's ``n_positions``), or
+    None when the config does not say."""
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def check_context(model_or_config, length: int, what: str) -> None:
+    """Raise SlmkitError when ``length`` tokens exceed the model's :func:`context_length`.
+
+    Past it, learned position embeddings (GPT-2) index out of range and rotary ones extrapolate to
+    positions the model never saw, so a window, a calibration block or a training block that long is refused
+    before any work. ``what`` names it in the message, e.g. ``"the evaluation window"``.
+    """
+    config = getattr(model_or_config, "config", model_or_config)
+    limit = context_length(config)
+    if limit is not None and length > limit:
+        raise SlmkitError(f"{what} is {length} tokens, above the model's maximum of {limit} "
+                          "(max_position_embeddings); use shorter ones")
+
+
 def config_summary(config) -> dict[str, str]:
     """What a transformers config describes, in words, for ``slmkit info``: the family slmkit walks it as
     (or why it cannot), blocks and widths, attention kinds, and the dimensions width pruning may shrink."""
@@ -248,7 +268,7 @@ def config_summary(config) -> dict[str, str]:
                   f"{'–'.join(str(w) for w in (ffn[0], ffn[-1])) if len(ffn) > 1 else ffn[0]}, "
                   f"vocab {config.vocab_size:,}"),
     }
-    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    context = context_length(config)
     if context:
         summary["shape"] += f", context {context:,}"
     kinds: dict[str, int] = {}

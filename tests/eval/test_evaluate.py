@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import slmkit
+from slmkit.config import ConfigError
 from slmkit.errors import SlmkitError
 from slmkit.models.record import get_record
 from tests.conftest import tiny_model
@@ -67,3 +68,22 @@ def test_model_without_tokenizer_is_a_clear_error(text_file):
     with pytest.raises(SlmkitError, match="no tokenizer to turn text into tokens: save one beside its weights"):
         slmkit.evaluate(tiny_model("llama"), config=slmkit.EvalConfig(source=text_file, split="all",
                                                                       max_tokens=128, seq_len=64))
+
+
+def test_a_window_longer_than_the_model_takes_is_refused(text_file, smollm2_tokenizer):
+    # GPT-2's learned positions end at n_positions (256 here): a longer window was an IndexError mid-evaluation
+    model = tiny_model("gpt2", vocab_size=len(smollm2_tokenizer))
+    config = slmkit.EvalConfig(source=text_file, split="all", max_tokens=512, seq_len=512)
+    with pytest.raises(SlmkitError, match=r"the evaluation window \(seq_len\) is 512 tokens, above the model's "
+                                          r"maximum of 256"):
+        slmkit.evaluate(model, config=config, tokenizer=smollm2_tokenizer)
+    short = tiny_model("llama", vocab_size=len(smollm2_tokenizer), max_position_embeddings=128)
+    with pytest.raises(SlmkitError, match=r"\(seq_len, for the reference\) is 256 tokens, above .* of 128"):
+        slmkit.evaluate(tiny_model("llama", vocab_size=len(smollm2_tokenizer)), reference=short,
+                        config=slmkit.EvalConfig(source=text_file, split="all", max_tokens=256, seq_len=256),
+                        tokenizer=smollm2_tokenizer)
+
+
+def test_fewer_tokens_than_one_window_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"max_tokens \(16384\) must be at least seq_len \(100000\)"):
+        slmkit.EvalConfig(seq_len=100_000)

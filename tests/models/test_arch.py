@@ -71,3 +71,16 @@ def test_rotary_key_per_block():
     for family, keys in expected.items():
         config = tiny_config(family)
         assert [arch.rotary_key(config, arch.get_spec(config), i) for i in range(2)] == keys, family
+
+
+def test_context_length_and_check_context():
+    from transformers import GPT2Config, LlamaConfig
+
+    from slmkit.models.arch import check_context, context_length
+
+    assert context_length(GPT2Config(n_positions=300)) == 300  # GPT-2 names it n_positions
+    assert context_length(LlamaConfig(max_position_embeddings=4096)) == 4096
+    model = tiny_model("llama")  # max_position_embeddings 256
+    check_context(model, 256, "a block")  # exactly the limit is fine
+    with pytest.raises(SlmkitError, match=r"^a block is 257 tokens, above the model's maximum of 256"):
+        check_context(model, 257, "a block")
