@@ -24,6 +24,7 @@ from slmkit.bench.models import load_bench_model
 from slmkit.bench.results import environment, markdown_header, markdown_table, result_files, write_results
 from slmkit.errors import SlmkitError
 from slmkit.eval.report import peak_memory_bytes, weight_bytes
+from slmkit.models.loading import parse_dtype
 
 # Datasheet memory bandwidth (GB/s) by device-name fragment, most specific first.
 DATASHEET_GB_S = (("H200", 4800.0), ("H100 PCIe", 2000.0), ("H100", 3350.0), ("A100-SXM4-80GB", 2039.0),
@@ -328,6 +329,11 @@ def main(argv: list[str] | None = None) -> int:
         baselines = list(BASELINES) if device.type == "cuda" else ["hf-eager"]
     else:
         baselines = [] if args.baselines == "none" else [b for b in args.baselines.split(",") if b]
+    # every option is checked before an existing result file is reported or the model loads
+    unknown = sorted(set(baselines) - set(BASELINES))
+    if unknown:
+        raise SlmkitError(f"unknown baseline {unknown[0]!r}; choose from {', '.join(BASELINES)}")
+    parse_dtype(dtype)
     stem = "generation-" + args.model.replace("random:", "random-").replace("/", "--").strip(".-")
     files = result_files(args.out, stem, args.overwrite)
     model = load_bench_model(args.model, dtype, device)

@@ -33,9 +33,12 @@ def test_cli_writes_json_and_markdown_and_refuses_to_overwrite(tmp_path, capsys,
     (["--shapes", "128x128"], "PROMPT/OUTPUT"),
     (["--batch", "one"], "--batch takes integers"),
     (["--baselines", "vllm"], "unknown baseline"),
+    (["--dtype", "int4"], "unknown dtype 'int4'"),
 ])
-def test_bad_options_fail_in_one_line(argv, message, tmp_path, capsys, smollm2_path):
-    assert main(["bench", "generate", "smollm2-135m", "--out", str(tmp_path), *argv]) == 2
+def test_bad_options_fail_in_one_line(argv, message, tmp_path, capsys):
+    # each is reported first: not the existing result file, not the missing model
+    (tmp_path / "generation-does-not-exist.json").write_text("{}")
+    assert main(["bench", "generate", "./does-not-exist", "--out", str(tmp_path), *argv]) == 2
     assert message in capsys.readouterr().err.strip().splitlines()[-1]
 
 
