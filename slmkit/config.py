@@ -31,6 +31,8 @@ class BaseConfig:
 
     name: ClassVar[str] = ""
     category: ClassVar[str] = ""
+    # whether the step can run on a quantized model (recipes refuse other steps after a quantize step)
+    runs_on_quantized: ClassVar[bool] = False
 
     def to_dict(self) -> dict[str, Any]:
         """Return the fields as a plain dict (JSON/YAML friendly)."""

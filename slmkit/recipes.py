@@ -163,8 +163,10 @@ class Recipe:
         if not isinstance(model, str):
             raise ConfigError(f"{name}.model: expected a model source string, got {model!r}")
         evaluation = data.get("evaluation", {})
+        configs = [config_from_step(step, f"{name}.steps[{i}]") for i, step in enumerate(steps)]
+        _check_order(configs, name)
         return cls(
-            steps=[config_from_step(step, f"{name}.steps[{i}]") for i, step in enumerate(steps)],
+            steps=configs,
             model=model,
             calibration=DataConfig.from_dict(data.get("calibration"), where=f"{name}.calibration"),
             evaluation=None if evaluation is None else EvalConfig.from_dict(evaluation, where=f"{name}.evaluation"),
@@ -213,6 +215,19 @@ class RecipeResult:
         if self.output:
             lines.append(f"saved: {self.output}")
         return "\n".join(lines)
+
+
+def _check_order(steps: list[BaseConfig], name: str) -> None:
+    """Refuse a step that cannot run on a quantized model after a quantize step: it would fail only once
+    the quantization (minutes to hours) had run."""
+    quantized = next((i for i, step in enumerate(steps) if step.category == "quantize"), None)
+    if quantized is None:
+        return
+    for index, step in enumerate(steps[quantized + 1:], quantized + 1):
+        if not step.runs_on_quantized:
+            raise ConfigError(f"{name}.steps[{index}]: {step.name} cannot run on the model steps[{quantized}] "
+                              f"({steps[quantized].name}) quantized; put the quantize step last "
+                              "(prune → distill → quantize)")
 
 
 def partial_dir(output: Path) -> Path:

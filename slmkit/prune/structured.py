@@ -102,6 +102,7 @@ class DepthPruneConfig(BaseConfig):
 
     name = "depth"
     category = "prune"
+    runs_on_quantized = True  # dropping blocks needs no float weights
 
     ratio: float | None = None  # fraction of blocks removed (rounded to the nearest block)
     num_blocks: int | None = None  # or the number of blocks removed
@@ -514,12 +515,31 @@ def _subset_config(config, keep: list[int]):
     return type(config).from_dict(data)
 
 
+def _renumber_modules(modules: dict[str, dict], prefix: str, keep: list[int]) -> dict[str, dict]:
+    """``modules`` (path -> layout, the record's replaced modules) with the blocks' paths renumbered after
+    keeping blocks ``keep``; entries of removed blocks go."""
+    position = {old: new for new, old in enumerate(keep)}
+    renumbered = {}
+    for path, layout in modules.items():
+        if path.startswith(prefix + "."):
+            index, _, rest = path[len(prefix) + 1:].partition(".")
+            if int(index) not in position:
+                continue
+            path = f"{prefix}.{position[int(index)]}.{rest}"
+        renumbered[path] = layout
+    return renumbered
+
+
 def remove_blocks(model: nn.Module, drop: list[int]) -> None:
-    """Delete blocks ``drop`` from ``model`` and renumber the rest (their KV-cache slots follow)."""
+    """Delete blocks ``drop`` from ``model`` and renumber the rest (their KV-cache slots follow, and so do
+    the paths of quantized modules the checkpoint manifest records)."""
     layers = blocks(model)
     keep = [i for i in range(len(layers)) if i not in set(drop)]
     new_config = _subset_config(model.config, keep)
-    set_module(model, get_spec(model).layers, nn.ModuleList(layers[i] for i in keep))
+    prefix = get_spec(model).layers
+    set_module(model, prefix, nn.ModuleList(layers[i] for i in keep))
+    record = get_record(model)
+    record.modules = _renumber_modules(record.modules, prefix, keep)
     for position, block in enumerate(blocks(model)):
         for module in block.modules():
             if hasattr(module, "layer_idx"):

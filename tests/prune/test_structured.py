@@ -238,6 +238,27 @@ def test_depth_pruning_drops_the_identity_block(importance, tmp_path):
                                                                           do_sample=False), generated)
 
 
+
+@pytest.mark.parametrize("quant", [slmkit.RTNConfig(group_size=16), slmkit.SmoothQuantConfig()],
+                         ids=["w4a16", "w8a8"])
+def test_depth_pruning_a_quantized_model_saves_and_reloads(quant, tmp_path):
+    # the quantized modules' recorded paths follow the renumbered blocks (they named removed or shifted
+    # blocks, and reloading failed: "ModuleList has no attribute `2`")
+    model = tiny_model("llama", num_hidden_layers=4)
+    slmkit.quantize(model, quant, calib=CALIB)
+    with torch.no_grad():  # block 0 adds nothing to the residual stream: it goes, and blocks 1-3 shift down
+        blocks(model)[0].self_attn.o_proj.weight_scale.zero_()
+        blocks(model)[0].mlp.down_proj.weight_scale.zero_()
+    prune(model, DepthPruneConfig(num_blocks=1), calib=CALIB)
+    assert model.slmkit.metrics["depth"]["removed_blocks"] == [0]
+    layers = {path.split(".")[2] for path in model.slmkit.modules}
+    assert layers == {"0", "1", "2"}
+    expected = _logits(model)
+    reloaded = slmkit.load_model(slmkit.save(model, tmp_path / "out"))
+    assert type(blocks(reloaded)[2].mlp.down_proj) is type(blocks(model)[2].mlp.down_proj)
+    assert torch.equal(_logits(reloaded), expected)
+
+
 def test_errors_are_clear_and_early():
     with pytest.raises(ConfigError, match="remove every"):
         WidthPruneConfig(heads=1.0)
