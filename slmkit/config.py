@@ -217,7 +217,8 @@ def apply_step(model, config: BaseConfig, calib=None, category: str | None = Non
     """Apply a registered transform to ``model`` in place and record it in ``model.slmkit.steps``.
 
     ``category`` (e.g. "quantize") makes ``slmkit.quantize(model, PruneConfig())`` fail clearly.
-    Calibration transforms given ``calib=None`` use ``slmkit.calib_data(model)`` (embedded corpus).
+    Calibration transforms given ``calib=None`` use ``slmkit.calib_data(model)`` (embedded corpus; blocks
+    no longer than the model's context).
     Context transforms (distillation) given ``context=None`` use the model's own source as the original.
     ``checkpoint_dir``: where resumable walks save each finished block; ignored by the other transforms.
     """
@@ -241,8 +242,10 @@ def apply_step(model, config: BaseConfig, calib=None, category: str | None = Non
                               f"{config.category} steps do not support yet; {config.category} before shared_ffn")
     if transform.needs_calibration and calib is None:
         from slmkit.data import calib_data
+        from slmkit.models.arch import context_length
 
-        calib = calib_data(model)
+        # the default blocks (512 tokens) shortened to a model built for fewer positions
+        calib = calib_data(model, seq_len=min(512, context_length(model.config) or 512))
     if transform.needs_calibration:
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         check_calibration(type(config).__name__, calib, getattr(embeddings, "num_embeddings", None))

@@ -84,3 +84,19 @@ def test_calibration_ids_outside_the_vocabulary_are_refused_before_any_work():
             slmkit.prune(model, slmkit.WandaConfig(sparsity=0.5), calib=ids)
     assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
     assert "slmkit" not in model.__dict__ or not model.slmkit.steps  # nothing recorded as done
+
+
+def test_without_calibration_the_embedded_blocks_fit_the_models_context(smollm2_tokenizer, monkeypatch):
+    import torch
+
+    from slmkit import config as config_module
+    from slmkit.models.record import get_record
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama", vocab_size=len(smollm2_tokenizer))  # max_position_embeddings 256, not 512
+    get_record(model).tokenizer = smollm2_tokenizer
+    seen = {}
+    spy = dataclasses.replace(lookup("wanda"), apply=lambda model, config, calib: seen.update(calib=calib))
+    monkeypatch.setitem(config_module._REGISTRY, "wanda", spy)
+    slmkit.prune(model, slmkit.WandaConfig(sparsity=0.5))  # no calib: the embedded corpus's blocks
+    assert isinstance(seen["calib"], torch.Tensor) and seen["calib"].shape == (128, 256)

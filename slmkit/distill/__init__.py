@@ -19,8 +19,8 @@ from slmkit.data import DataConfig, token_blocks
 from slmkit.distill.config import DistillConfig
 from slmkit.distill.trainer import DistillTrainer, check_pair, checkpoint_dirs
 from slmkit.errors import SlmkitError
-from slmkit.models.record import get_record
 from slmkit.models.arch import check_context
+from slmkit.models.record import get_record, require_model
 
 
 def _blocks(data, config: DataConfig, tokenizer, what: str) -> torch.Tensor:
@@ -83,7 +83,7 @@ def _train(student: nn.Module, teacher: nn.Module, config: DistillConfig, data, 
     get_record(student).metrics["distill"] = trainer.summary()
 
 
-def distill(student: nn.Module, teacher: nn.Module, config: DistillConfig | None = None,
+def distill(student: nn.Module, teacher: nn.Module | str, config: DistillConfig | None = None,
             data: torch.Tensor | DataConfig | None = None, eval_data: torch.Tensor | DataConfig | None = None,
             output_dir: str | os.PathLike | None = None, resume: bool = False, device: str | None = None):
     """Train ``student`` in place to imitate ``teacher``; returns the student.
@@ -91,7 +91,8 @@ def distill(student: nn.Module, teacher: nn.Module, config: DistillConfig | None
     Args:
         student: the model to train (e.g. a pruned copy of the teacher); float weights, same tokenizer.
         teacher: the frozen reference (eval mode, no gradients; moved to the training device, and
-            quantized in place first when ``config.teacher_quantize`` says so).
+            quantized in place first when ``config.teacher_quantize`` says so), or a ``load_model`` source
+            (e.g. ``"smollm2-135m"``) to load it from.
         config: losses, optimization, data and logging (:class:`DistillConfig`).
         data: training token ids (num_blocks, block_len), or a DataConfig; None = ``config.data``
             (the embedded corpus's calibration split).
@@ -111,6 +112,11 @@ def distill(student: nn.Module, teacher: nn.Module, config: DistillConfig | None
         >>> slmkit.distill(student, teacher, DistillConfig(steps=500), output_dir="runs/heal")
     """
     config = config or DistillConfig()
+    require_model(student, "slmkit.distill (student)")
+    if isinstance(teacher, (str, os.PathLike)):
+        from slmkit.models.loading import load_model
+
+        teacher = load_model(teacher)
     _train(student, teacher, config, data, eval_data, output_dir, resume, device)
     get_record(student).steps.append({config.name: config.to_dict()})
     return student

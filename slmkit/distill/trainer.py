@@ -86,8 +86,10 @@ class DistillModule(nn.Module):
 
 def check_pair(student: nn.Module, teacher: nn.Module) -> None:
     """Fail before training when student and teacher cannot be distilled (same object, other vocabulary...)."""
-    from slmkit.models.record import get_record
+    from slmkit.models.record import get_record, require_model
 
+    require_model(student, "slmkit.distill (student)")
+    require_model(teacher, "slmkit.distill (teacher)")
     if student is teacher:
         raise SlmkitError("the student is the teacher object; distill into a copy (e.g. a pruned model, "
                           "or copy.deepcopy(teacher))")

@@ -246,6 +246,12 @@ def test_errors_before_training(tmp_path):
     config = DistillConfig(**FAST)
     with pytest.raises(SlmkitError, match="is the teacher object"):
         slmkit.distill(teacher, teacher, config, data, eval_data)
+    with pytest.raises(SlmkitError, match=r"slmkit.distill \(teacher\): expected a model .*got NoneType"):
+        slmkit.distill(student, None, config, data, eval_data)  # was an AttributeError deep in the checks
+    with pytest.raises(SlmkitError, match=r"slmkit.distill \(student\): expected a model .*got str \(a source"):
+        slmkit.distill("smollm2-135m", teacher, config, data, eval_data)
+    with pytest.raises(SlmkitError, match="no such file or directory"):
+        slmkit.distill(student, str(tmp_path / "no-teacher"), config, data, eval_data)
     with pytest.raises(SlmkitError, match="shares weight tensors"):
         shallow = copy.copy(teacher)
         slmkit.distill(shallow, teacher, config, data, eval_data)
@@ -427,3 +433,13 @@ def test_a_copy_of_a_frozen_teacher_trains():
     before = student.lm_head.weight.detach().clone()
     _distill(student, teacher, steps=2, eval_every=0)
     assert not torch.equal(student.lm_head.weight, before)
+
+
+def test_the_teacher_may_be_a_model_source(tmp_path):
+    student, teacher = _pair()
+    twin = copy.deepcopy(student)
+    teacher.save_pretrained(tmp_path / "teacher")
+    from_source = _distill(student, str(tmp_path / "teacher"))
+    from_object = _distill(twin, teacher)
+    assert from_source.slmkit.metrics["distill"]["evals"][-1]["kl"] == pytest.approx(
+        from_object.slmkit.metrics["distill"]["evals"][-1]["kl"], rel=1e-5)
