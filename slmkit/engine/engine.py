@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import operator
 import os
 import time
 from typing import Iterator
@@ -217,7 +218,10 @@ class Engine:
     def encode(self, prompt: str | list[int], chat: bool = False) -> list[int]:
         """Token ids of a prompt (a string through the tokenizer, optionally its chat template, or ids)."""
         if not isinstance(prompt, str):
-            ids = [int(t) for t in prompt]
+            try:  # ints, numpy or 0-d torch integers; 1.5 or "7" is refused, not truncated
+                ids = [operator.index(t) for t in prompt]
+            except TypeError:
+                raise SlmkitError(f"a prompt is a string or a list of integer token ids, got {prompt!r:.80}") from None
         else:
             if self.tokenizer is None:
                 raise SlmkitError("this model has no tokenizer: pass prompts as lists of token ids")

@@ -10,7 +10,7 @@ import dataclasses
 
 import torch
 
-from slmkit.config import BaseConfig, ConfigError
+from slmkit.config import BaseConfig, ConfigError, check_type
 
 
 @dataclasses.dataclass
@@ -45,6 +45,19 @@ class SamplingParams(BaseConfig):
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) for s in self.stop):
+            raise ConfigError(f"stop must be a string or a list of strings, got {self.stop!r}")
+        self.stop = list(self.stop)
+        for field in ("max_tokens", "top_k"):
+            check_type(field, getattr(self, field), int)
+        for field in ("temperature", "top_p", "repetition_penalty"):
+            check_type(field, getattr(self, field), (int, float))
+        if not isinstance(self.stop_token_ids, (list, tuple)) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids):
+            raise ConfigError(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
+        check_type("ignore_eos", self.ignore_eos, bool)
+        if self.seed is not None:
+            check_type("seed", self.seed, int)
         if self.max_tokens < 1:
             raise ConfigError(f"max_tokens must be at least 1, got {self.max_tokens}")
         if self.temperature < 0:

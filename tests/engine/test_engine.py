@@ -4,6 +4,7 @@ compressed models; chunked prefill, prefix caching and preemption change nothing
 import dataclasses
 
 import pytest
+import numpy as np
 import torch
 
 import slmkit
@@ -153,6 +154,9 @@ def test_requests_that_cannot_fit_are_refused_clearly():
         Engine(model, SMALL).add_request(prompts(200)[0], SamplingParams(max_tokens=100))  # 256 positions
     with pytest.raises(SlmkitError, match="token ids must be in"):
         engine.add_request([5, 300])
+    with pytest.raises(SlmkitError, match=r"a list of integer token ids, got \[1.5, 2.0\]"):
+        engine.add_request([1.5, 2.0])  # was truncated to [1, 2]
+    assert engine.encode([5, torch.tensor(6), np.int64(7)]) == [5, 6, 7]
     assert not engine.has_unfinished()
 
 

@@ -60,7 +60,11 @@ def test_sampling_follows_each_rows_generator_and_greedy_rows_take_the_argmax():
 
 
 @pytest.mark.parametrize("bad", [dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_k=-2),
-                                 dict(repetition_penalty=0), dict(stop=[""])])
+                                 dict(repetition_penalty=0), dict(stop=[""]),
+                                 # wrong types: each was a TypeError mid-check or accepted as is
+                                 dict(stop=5), dict(stop=["a", 3]), dict(seed="a"), dict(temperature="hot"),
+                                 dict(max_tokens=2.5), dict(top_k=True), dict(stop_token_ids=[1.0]),
+                                 dict(ignore_eos="yes")])
 def test_bad_params_fail_naming_the_field(bad):
     with pytest.raises(ConfigError, match=next(iter(bad))):
         SamplingParams(**bad)
@@ -68,3 +72,8 @@ def test_bad_params_fail_naming_the_field(bad):
 
 def test_a_single_stop_string_is_a_list():
     assert SamplingParams(stop="\n").stop == ["\n"]
+
+
+def test_numbers_and_stop_forms_that_are_fine():
+    params = SamplingParams(temperature=1, top_p=1, stop=("a", "b"), stop_token_ids=(7,), seed=3)
+    assert params.stop == ["a", "b"] and params.temperature == 1
