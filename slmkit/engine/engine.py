@@ -22,7 +22,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from slmkit.config import BaseConfig, ConfigError
+from slmkit.config import BaseConfig, ConfigError, check_type
 from slmkit.engine.kv_cache import BlockAllocator, allocate_layer_caches, bytes_per_block
 from slmkit.engine.runner import Batch, ModelRunner
 from slmkit.engine.sampling import SamplingParams, sample_tokens
@@ -76,6 +76,22 @@ class EngineConfig(BaseConfig):
     speculative_ngram: int = 3
 
     def __post_init__(self):
+        for field in ("block_size", "max_batch_size", "max_num_batched_tokens", "seed", "speculative_tokens",
+                      "speculative_ngram"):
+            check_type(field, getattr(self, field), int)
+        for field in ("num_blocks", "max_model_len"):
+            if getattr(self, field) is not None:
+                check_type(field, getattr(self, field), int)
+        if self.memory_fraction is not None:
+            check_type("memory_fraction", self.memory_fraction, (int, float))
+        for field in ("prefix_caching", "cuda_graphs"):
+            check_type(field, getattr(self, field), bool)
+        if self.use_kernels is not None:
+            check_type("use_kernels", self.use_kernels, bool)
+        if self.graph_batch_sizes is not None and (
+                not isinstance(self.graph_batch_sizes, (list, tuple))
+                or not all(isinstance(b, int) and not isinstance(b, bool) for b in self.graph_batch_sizes)):
+            raise ConfigError(f"graph_batch_sizes must be a list of batch sizes, got {self.graph_batch_sizes!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ConfigError(f"block_size must be a power of 2, got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks < 2:

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 import slmkit
+from slmkit.config import ConfigError
 from slmkit.engine import Engine, EngineConfig, SamplingParams
 from slmkit.errors import SlmkitError
 from slmkit.models.arch import blocks
@@ -217,3 +218,24 @@ def test_cli_generate_stream_prints_what_the_hf_path_prints(smollm2_path, capsys
     plain = capsys.readouterr().out
     assert main([*argv, "--stream"]) == 0
     assert capsys.readouterr().out == plain and "Paris" in plain
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(block_size=12), "block_size must be a power of 2"),
+    (dict(num_blocks=1), "num_blocks must be at least 2"),
+    (dict(memory_fraction=1.5), r"memory_fraction must be in \(0, 1\]"),
+    (dict(max_batch_size=0), "max_batch_size and max_num_batched_tokens must be at least 1"),
+    (dict(max_model_len=1), "max_model_len must be at least 2"),
+    (dict(speculative_tokens=65), "speculative_tokens must be in 0..64"),
+    # wrong types: a TypeError mid-check, or accepted as is
+    (dict(block_size="16"), "block_size must be int, got '16'"),
+    (dict(max_batch_size=True), "max_batch_size must be int, got True"),
+    (dict(memory_fraction="half"), "memory_fraction must be int or float"),
+    (dict(cuda_graphs="no"), "cuda_graphs must be bool, got 'no'"),
+    (dict(use_kernels=1), "use_kernels must be bool"),
+    (dict(graph_batch_sizes=8), "graph_batch_sizes must be a list of batch sizes"),
+    (dict(seed="x"), "seed must be int"),
+])
+def test_bad_engine_config_fails_naming_the_field(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        EngineConfig(**fields)
