@@ -105,12 +105,12 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated: " + ", ".join(SHAPES))
     args = parser.parse_args(argv)
     try:
-        if not torch.cuda.is_available():
-            raise SlmkitError("bench_matmul needs a CUDA GPU (none found)")
         shapes = [s for s in args.shapes.split(",") if s]
         unknown = [s for s in shapes if s not in SHAPES]
         if unknown:
             raise SlmkitError(f"unknown shape set {unknown[0]!r}; choose from {', '.join(SHAPES)}")
+        if not torch.cuda.is_available():
+            raise SlmkitError("bench_matmul needs a CUDA GPU (none found)")
         files = result_files(args.out, "quantized-matmul", args.overwrite)
     except SlmkitError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -74,6 +74,10 @@ def main(argv=None) -> int:
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted run: keep the rows the result already has, measure the rest")
     args = parser.parse_args(argv)
+    if not 0 < args.budget < 1:
+        print(f"error: --budget is the fraction of the parameters kept, in (0, 1); got {args.budget:g}",
+              file=sys.stderr)
+        return 2
     table_variants = variants(args.budget)
     try:
         keys = selected_variants(args.only, table_variants)

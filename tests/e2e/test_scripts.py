@@ -54,6 +54,8 @@ def test_compare_transforms_resumes_and_records_which_run_measured_each_row(tmp_
     ("bench_speculative", ["--draft-tokens", "-1"], "speculative_tokens must be in 0..64"),
     ("bench_speculative", ["--max-tokens", "9000"], "max_model_len 9512 exceeds what the model supports (8192"),
     ("compare_transforms", ["--distill-steps", "-1"], "steps must be in [1, "),
+    ("compare_transforms", ["--budget", "2"], "--budget is the fraction of the parameters kept, in (0, 1); got 2"),
+    ("bench_matmul", ["--shapes", "llama9"], "unknown shape set 'llama9'"),  # said first, GPU or not
 ])
 def test_scripts_refuse_bad_settings_in_one_line(name, args, message, tmp_path, capsys):
     assert _script(name).main([*args, "--out", str(tmp_path / "out")]) == 2
