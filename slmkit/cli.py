@@ -157,6 +157,9 @@ def cmd_info(args) -> int:
     kind, location, config = load_config(args.path)
     summary = config_summary(config)
     manifest = read_manifest(location) if kind == "checkpoint" else None
+    quantization = getattr(config, "quantization_config", None) if kind != "gguf" else None  # GGUF loads as float
+    if "width pruning" in summary and ((manifest or {}).get("modules") or isinstance(quantization, dict)):
+        summary["width pruning"] = "none: its weights are quantized (prune the float model, then quantize)"
     if args.json:
         print(json.dumps(manifest if manifest is not None else {"source": str(args.path), "kind": kind, **summary},
                          indent=2))
@@ -165,8 +168,7 @@ def cmd_info(args) -> int:
         print(f"model           {location}\nformat          {_SOURCE_FORMATS[kind]}")
         for key, value in summary.items():
             print(f"{key:<15} {value}")
-        quantization = getattr(config, "quantization_config", None)
-        if isinstance(quantization, dict) and kind != "gguf":  # a GGUF's is its own block format, read on load
+        if isinstance(quantization, dict):
             from slmkit.quantize.export import describe_quantization
 
             print(f"quantization    {describe_quantization(quantization)}")

@@ -105,8 +105,12 @@ def test_info_describes_any_model_directory_without_loading_it(capsys, tmp_path)
     quantized = slmkit.quantize(tiny_model("qwen3"), slmkit.RTNConfig(group_size=32, symmetric=False))
     slmkit.export(quantized, tmp_path / "vllm")  # compressed-tensors
     assert main(["info", str(tmp_path / "vllm")]) == 0
-    assert ("compressed-tensors (pack-quantized): W4A16 group 32 asymmetric, 14 linears; not quantized: lm_head"
-            in capsys.readouterr().out)
+    out = capsys.readouterr().out
+    assert "compressed-tensors (pack-quantized): W4A16 group 32 asymmetric, 14 linears; not quantized: lm_head" in out
+    assert "width pruning   none: its weights are quantized" in out  # width pruning refuses quantized linears
+    slmkit.save(quantized, tmp_path / "w4")
+    assert main(["info", str(tmp_path / "w4")]) == 0
+    assert "width pruning   none: its weights are quantized" in capsys.readouterr().out
     assert main(["info", str(tmp_path / "gemma3"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["kind"] == "hf_dir"
     config = transformers.OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
