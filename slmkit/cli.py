@@ -13,7 +13,7 @@ import traceback
 from pathlib import Path
 
 from slmkit._files import ensure_new, write_text_atomic
-from slmkit.errors import SlmkitError
+from slmkit.errors import SlmkitError, first_line
 
 DEFAULT_RECIPE = "recipes/smollm2-w8a8.yaml"
 
@@ -380,6 +380,21 @@ def _leave_process_group() -> None:
         torch.distributed.destroy_process_group()
 
 
+def _out_of_device_memory(error: BaseException) -> bool:
+    """True for torch's out-of-memory error of an accelerator (torch is imported lazily, so checked by name)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(error, getattr(torch, "OutOfMemoryError", ()))
+
+
+def _environment_error(error: BaseException) -> str:
+    """One line for an error of the machine rather than of the input."""
+    if isinstance(error, MemoryError) or _out_of_device_memory(error):
+        what = "the machine" if isinstance(error, MemoryError) else "the GPU"
+        return (f"{what} ran out of memory ({first_line(error, 160)}); use smaller batches (--batch-size, "
+                "calibration num_blocks / batch_size) or a larger device")
+    return first_line(error, 300)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``slmkit`` console script."""
     parser = build_parser()
@@ -396,6 +411,14 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"slmkit: error: {error}", file=sys.stderr)
         return 2
+    except Exception as error:
+        # the machine, not the input: a full disk, a directory it may not write, memory running out
+        if not isinstance(error, (OSError, MemoryError)) and not _out_of_device_memory(error):
+            raise
+        if args.debug:
+            traceback.print_exc()
+        print(f"slmkit: error: {_environment_error(error)} (--debug shows where)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("slmkit: interrupted", file=sys.stderr)
         return 130

@@ -214,3 +214,34 @@ def test_a_finished_command_closes_the_process_group_of_a_launched_run(tmp_path,
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("error, message", [
+    (OSError(28, "No space left on device"), "slmkit: error: [Errno 28] No space left on device (--debug shows where)"),
+    (MemoryError(), "slmkit: error: the machine ran out of memory (MemoryError); use smaller batches"),
+    ("cuda-oom", "slmkit: error: the GPU ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)"),
+])
+def test_errors_of_the_machine_are_one_line_with_exit_status_1(error, message, capsys, monkeypatch):
+    import torch
+
+    if error == "cuda-oom":
+        error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB)\nGPU 0 has 79 GiB in use")
+
+    def fail(source):
+        raise error
+
+    monkeypatch.setattr("slmkit.models.loading.load_config", fail)
+    assert main(["info", "smollm2-135m"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and err.startswith(message) and len(err.splitlines()) == 1
+    assert main(["--debug", "info", "smollm2-135m"]) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_a_bug_still_shows_its_traceback(monkeypatch):
+    def fail(source):
+        raise ValueError("a bug, not the machine")
+
+    monkeypatch.setattr("slmkit.models.loading.load_config", fail)
+    with pytest.raises(ValueError, match="a bug"):
+        main(["info", "smollm2-135m"])
