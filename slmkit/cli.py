@@ -51,11 +51,11 @@ def cmd_run(args) -> int:
     _sigterm_interrupts()  # a scheduler's `kill` (SLURM, docker stop) stops as Ctrl-C does
     try:
         result = run_recipe(recipe, output=output, overwrite=args.overwrite, model=args.model, device=args.device)
-    except KeyboardInterrupt:
+    except BaseException:  # Ctrl-C, a kill, a full disk, memory running out, a failing step
         partial = partial_dir(Path(output).expanduser())
         if partial.exists():
-            print(f"\nslmkit: the finished work is kept in {partial}; run the same command again to resume",
-                  file=sys.stderr)
+            print(f"\nslmkit: the finished work is kept in {partial}; run the same command again to resume "
+                  "(evaluation settings may change: the evaluation runs after every step)", file=sys.stderr)
         raise
     print()
     print(result.table())

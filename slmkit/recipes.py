@@ -194,9 +194,15 @@ class Recipe:
             "steps": [{step.name: step.to_dict()} for step in self.steps],
         }
 
-    def fingerprint(self) -> str:
-        """Hash of the recipe's content, to refuse resuming a different recipe's partial run."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+    def fingerprint(self, evaluation: bool = False) -> str:
+        """Hash of what the steps' work depends on (model, calibration, steps), to refuse resuming a
+        different recipe's partial run. The evaluation runs after every step, so a run that stopped there
+        (out of memory with too large an ``evaluation.batch_size``, say) resumes with other evaluation
+        settings; ``evaluation=True`` hashes it too (how partial runs were marked before)."""
+        content = self.to_dict()
+        if not evaluation:
+            content.pop("evaluation")
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclasses.dataclass
@@ -242,7 +248,8 @@ def _resume_point(partial: Path, recipe: Recipe, overwrite: bool) -> int:
         return 0
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
     done = int(state.get("completed_steps", 0))
-    if state.get("fingerprint") == recipe.fingerprint() and (done == 0 or (partial / "checkpoint").is_dir()):
+    same = state.get("fingerprint") in (recipe.fingerprint(), recipe.fingerprint(evaluation=True))
+    if same and (done == 0 or (partial / "checkpoint").is_dir()):
         return done  # 0: interrupted inside the first step, whose own state (if any) is in its step directory
     if overwrite or not any(path.name != "state.json" for path in partial.iterdir()):
         shutil.rmtree(partial)  # replaced, or held nothing but the state of a run that saved no work

@@ -5,6 +5,7 @@ import pytest
 
 import slmkit
 from slmkit.cli import build_parser, main
+from slmkit.errors import SlmkitError
 from tests.conftest import tiny_model
 
 
@@ -163,7 +164,13 @@ def test_serve_refuses_a_bad_or_taken_port_before_loading(capsys):
         _one_line_error(capsys, ["serve", "does-not-exist", "--port", str(port)], f"cannot listen on 127.0.0.1:{port}")
 
 
-def test_an_interrupted_run_says_where_its_work_is_kept_and_how_to_resume(capsys, tmp_path, monkeypatch):
+@pytest.mark.parametrize("error, status, last", [
+    (KeyboardInterrupt(), 130, "slmkit: interrupted"),
+    (MemoryError(), 1, "slmkit: error: the machine ran out of memory (MemoryError)"),
+    (SlmkitError("a step failed"), 2, "slmkit: error: a step failed"),
+])
+def test_an_interrupted_run_says_where_its_work_is_kept_and_how_to_resume(error, status, last, capsys, tmp_path,
+                                                                          monkeypatch):
     import slmkit.cli
     import slmkit.recipes
 
@@ -172,14 +179,14 @@ def test_an_interrupted_run_says_where_its_work_is_kept_and_how_to_resume(capsys
 
     def interrupted(recipe, output, **kwargs):
         slmkit.recipes.partial_dir(Path(output)).mkdir()
-        raise KeyboardInterrupt
+        raise error
 
     monkeypatch.setattr(slmkit.recipes, "run_recipe", interrupted)
     monkeypatch.setattr(slmkit.cli, "_sigterm_interrupts", lambda: None)
-    assert main(["run", str(recipe), "--output", str(tmp_path / "out")]) == 130
+    assert main(["run", str(recipe), "--output", str(tmp_path / "out")]) == status
     err = capsys.readouterr().err
     assert f"the finished work is kept in {tmp_path / 'out.partial'}; run the same command again to resume" in err
-    assert err.strip().endswith("slmkit: interrupted")
+    assert err.strip().splitlines()[-1].startswith(last)
 
 
 def test_sigterm_stops_a_command_as_ctrl_c_does():

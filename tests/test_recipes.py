@@ -246,6 +246,42 @@ def test_interrupted_run_resumes_after_the_last_finished_step(tiny_dir, tmp_path
         run_recipe(other, output=tmp_path / "out2")
 
 
+
+def test_a_run_that_stopped_in_its_evaluation_resumes_with_other_evaluation_settings(tiny_dir, tmp_path,
+                                                                                     monkeypatch):
+    model_dir, text = tiny_dir
+    data = _recipe(model_dir, text, [{"smoothquant": {}}, {"test_flaky": {}}])
+    FAIL.update(now=False, calls=0)
+    real = slmkit.recipes.evaluate
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(slmkit.recipes, "evaluate", out_of_memory)
+    with pytest.raises(MemoryError):
+        run_recipe(Recipe.from_dict(data), output=tmp_path / "out")
+    assert FAIL["calls"] == 1
+    monkeypatch.setattr(slmkit.recipes, "evaluate", real)
+    data["evaluation"]["max_tokens"] = 64  # what a user changes after running out of memory there
+    result = run_recipe(Recipe.from_dict(data), output=tmp_path / "out")
+    assert FAIL["calls"] == 1 and result.report is not None  # no step ran again
+    assert not (tmp_path / "out.partial").exists()
+
+
+def test_a_partial_run_marked_by_an_older_slmkit_still_resumes(tiny_dir, tmp_path):
+    # partial runs were marked with a hash that included the evaluation settings
+    model_dir, text = tiny_dir
+    recipe = Recipe.from_dict(_recipe(model_dir, text, [{"smoothquant": {}}, {"test_flaky": {}}]))
+    FAIL.update(now=True, calls=0)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(recipe, output=tmp_path / "out")
+    state = tmp_path / "out.partial" / "state.json"
+    state.write_text(json.dumps({"fingerprint": recipe.fingerprint(evaluation=True), "completed_steps": 1}))
+    FAIL["now"] = False
+    run_recipe(recipe, output=tmp_path / "out")
+    assert FAIL["calls"] == 2  # smoothquant did not run again; test_flaky ran once more
+
+
 def test_a_run_interrupted_inside_its_first_walk_resumes_after_the_last_finished_block(tiny_dir, tmp_path,
                                                                                        monkeypatch, capsys):
     import slmkit.recipes
