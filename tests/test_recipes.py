@@ -223,12 +223,19 @@ def test_windows_longer_than_the_model_fail_before_the_first_step(tiny_dir, sect
     assert ran == []  # refused before any step ran
 
 
-def test_interrupted_run_resumes_after_the_last_finished_step(tiny_dir, tmp_path):
+def _interrupted_after_smoothquant(tiny_dir, output):
+    """Run [smoothquant, test_flaky] to ``output`` with test_flaky interrupting; returns the recipe."""
     model_dir, text = tiny_dir
     recipe = Recipe.from_dict(_recipe(model_dir, text, [{"smoothquant": {}}, {"test_flaky": {}}]))
     FAIL.update(now=True, calls=0)
     with pytest.raises(KeyboardInterrupt):
-        run_recipe(recipe, output=tmp_path / "out")
+        run_recipe(recipe, output=output)
+    return recipe
+
+
+def test_interrupted_run_resumes_after_the_last_finished_step(tiny_dir, tmp_path):
+    model_dir, text = tiny_dir
+    recipe = _interrupted_after_smoothquant(tiny_dir, tmp_path / "out")
     partial = tmp_path / "out.partial"
     assert json.loads((partial / "state.json").read_text())["completed_steps"] == 1
     assert not (tmp_path / "out").exists()
@@ -270,11 +277,7 @@ def test_a_run_that_stopped_in_its_evaluation_resumes_with_other_evaluation_sett
 
 def test_a_partial_run_marked_by_an_older_slmkit_still_resumes(tiny_dir, tmp_path):
     # partial runs were marked with a hash that included the evaluation settings
-    model_dir, text = tiny_dir
-    recipe = Recipe.from_dict(_recipe(model_dir, text, [{"smoothquant": {}}, {"test_flaky": {}}]))
-    FAIL.update(now=True, calls=0)
-    with pytest.raises(KeyboardInterrupt):
-        run_recipe(recipe, output=tmp_path / "out")
+    recipe = _interrupted_after_smoothquant(tiny_dir, tmp_path / "out")
     state = tmp_path / "out.partial" / "state.json"
     state.write_text(json.dumps({"fingerprint": recipe.fingerprint(evaluation=True), "completed_steps": 1}))
     FAIL["now"] = False
