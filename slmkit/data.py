@@ -19,7 +19,8 @@ Sources (a string everywhere a source is asked for):
   topic (the 1st, 5th, ...) is the evaluation split, the rest calibration. Its exact text follows the
   Python version (results record it).
 - a local file: ``.txt`` (one document), ``.jsonl`` (a ``"text"`` field per line), ``.parquet``
-  (a ``text`` column);
+  (a ``text`` column); or a directory: every such file under it, in sorted path order (hidden files and
+  other types are skipped);
 - a Hugging Face dataset: ``"hf:NAME[:CONFIG][:SPLIT]"``, e.g. ``"hf:wikitext:wikitext-2-raw-v1:test"``
   (needs the hub, or the dataset in the local cache).
 
@@ -141,6 +142,19 @@ def _file_texts(path: Path) -> list[str]:
     raise SlmkitError(f"{path}: unsupported text file type; use .txt, .jsonl or .parquet")
 
 
+TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
+def _directory_texts(path: Path) -> list[str]:
+    """The documents of every .txt, .jsonl and .parquet file under ``path`` (recursively, in sorted path
+    order, so the same directory always gives the same stream); other files are ignored."""
+    files = sorted(f for f in path.rglob("*") if f.suffix in TEXT_SUFFIXES and f.is_file()
+                   and not any(part.startswith(".") for part in f.relative_to(path).parts))
+    if not files:
+        raise SlmkitError(f"{path}: a directory with no {', '.join(TEXT_SUFFIXES)} files")
+    return [text for file in files for text in _file_texts(file)]
+
+
 def load_texts(source: str = "embedded", split: str = "calib") -> list[str]:
     """Documents of a text source (see the module docstring); ``split`` applies to 'embedded' and
     'python-docs' only."""
@@ -155,9 +169,12 @@ def load_texts(source: str = "embedded", split: str = "calib") -> list[str]:
         texts = _hf_dataset_texts(source)
     else:
         path = Path(source).expanduser()
-        if not path.is_file():
-            raise SlmkitError(f"{source}: no such text file (or use 'embedded' or 'hf:NAME')")
-        texts = _file_texts(path)
+        if path.is_dir():
+            texts = _directory_texts(path)
+        elif path.is_file():
+            texts = _file_texts(path)
+        else:
+            raise SlmkitError(f"{source}: no such text file or directory (or use 'embedded' or 'hf:NAME')")
     texts = [t for t in texts if t and t.strip()]
     if not texts:
         raise SlmkitError(f"text source {source!r} is empty")

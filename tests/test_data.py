@@ -47,6 +47,24 @@ def test_local_files(tmp_path):
         data.load_texts(str(tmp_path / "c.csv"))
 
 
+def test_a_directory_source_reads_its_text_files_in_path_order(tmp_path):
+    corpus = tmp_path / "corpus"
+    (corpus / "b" / ".cache").mkdir(parents=True)
+    (corpus / "b" / "2.txt").write_text("second")
+    (corpus / "a.jsonl").write_text(json.dumps({"text": "first"}) + "\n" + json.dumps({"text": "again"}) + "\n")
+    (corpus / "b" / "3.txt").write_text("third")
+    (corpus / "notes.md").write_text("not a text source type")  # other types are skipped
+    (corpus / "b" / ".cache" / "x.txt").write_text("hidden")  # so are hidden directories
+    assert data.load_texts(str(corpus)) == ["first", "again", "second", "third"]
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(SlmkitError, match=r"nothing: a directory with no .txt, .jsonl, .parquet files"):
+        data.load_texts(str(tmp_path / "nothing"))
+    (tmp_path / "blank").mkdir()
+    (tmp_path / "blank" / "x.txt").write_text(" \n")
+    with pytest.raises(SlmkitError, match="is empty"):
+        data.load_texts(str(tmp_path / "blank"))
+
+
 def test_parquet(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
