@@ -252,3 +252,12 @@ def test_a_bug_still_shows_its_traceback(monkeypatch):
     monkeypatch.setattr("slmkit.models.loading.load_config", fail)
     with pytest.raises(ValueError, match="a bug"):
         main(["info", "smollm2-135m"])
+
+
+def test_python_dash_m_slmkit_runs_the_command():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "slmkit", "info", "./does-not-exist"], capture_output=True,
+                            text=True)
+    assert result.returncode == 2 and result.stderr.strip().startswith("slmkit: error: ./does-not-exist")
