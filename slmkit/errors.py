@@ -23,3 +23,19 @@ def first_line(error: BaseException, limit: int | None = None) -> str:
     text = str(error).strip()
     line = text.splitlines()[0] if text else type(error).__name__
     return line if limit is None else line[:limit]
+
+
+def import_required(module: str, purpose: str, install: str):
+    """Import ``module``, or raise SlmkitError saying that ``purpose`` needs it and how to get it.
+
+    For the packages only some features use (``gguf``, ``datasets``, ``pyarrow``), which a slim
+    environment (a GPU image, a container) may lack: one line instead of a ModuleNotFoundError traceback.
+
+    >>> parquet = import_required("pyarrow.parquet", "reading .parquet files", "pip install pyarrow")
+    """
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise SlmkitError(f"{purpose} needs the '{module.split('.')[0]}' package: {install}") from None

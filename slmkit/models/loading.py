@@ -23,7 +23,7 @@ from torch import nn
 
 from slmkit import _assets
 from slmkit._files import default_modes
-from slmkit.errors import SlmkitError, first_line
+from slmkit.errors import SlmkitError, first_line, import_required
 from slmkit.models.arch import get_spec
 from slmkit.models.record import ModelRecord, attach_record
 from slmkit.quantize.export import is_compressed_tensors, load_compressed_tensors
@@ -103,10 +103,7 @@ def align_special_tokens(tokenizer, config) -> dict[str, tuple[str | None, str]]
 
 def _require_gguf() -> None:
     """transformers reads GGUF files through the ``gguf`` package: a one-line error when it is missing."""
-    try:
-        import gguf as _gguf_reader  # noqa: F401
-    except ImportError:
-        raise SlmkitError("reading GGUF files needs the 'gguf' package: pip install gguf") from None
+    import_required("gguf", "reading GGUF files", "pip install gguf")
 
 
 def convert_gguf(gguf: Path, destination: Path) -> Path:
