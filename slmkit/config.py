@@ -38,6 +38,11 @@ class BaseConfig:
         """Return the fields as a plain dict (JSON/YAML friendly)."""
         return dataclasses.asdict(self)
 
+    def token_lengths(self) -> dict[str, int]:
+        """The sequence lengths (in tokens) the step feeds the model beyond the recipe's calibration blocks,
+        by field name; recipes check them against the model's context before any work. None by default."""
+        return {}
+
     def check_environment(self, device: str) -> None:
         """Raise SlmkitError if this machine cannot run the step on ``device`` (an optional package missing
         or too old). Recipes call it for every step before any work; nothing to check by default."""

@@ -341,6 +341,9 @@ def run_recipe(recipe: Recipe | str | os.PathLike, output: str | os.PathLike | N
         check_context(current, recipe.evaluation.seq_len, "the evaluation window (evaluation.seq_len)")
     if any(lookup(step).needs_calibration for step in recipe.steps[done:]):
         check_context(current, recipe.calibration.block_len, "a calibration block (calibration.block_len)")
+    for index, step in enumerate(recipe.steps[done:], done):
+        for field, length in step.token_lengths().items():
+            check_context(current, length, f"steps[{index}].{step.name} {field}")
 
     calib = None
     for index, step in enumerate(recipe.steps):

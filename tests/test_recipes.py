@@ -223,6 +223,23 @@ def test_windows_longer_than_the_model_fail_before_the_first_step(tiny_dir, sect
     assert ran == []  # refused before any step ran
 
 
+@pytest.mark.parametrize("distill, message", [
+    ({"data": {"block_len": 512}}, r"steps\[1\].distill data.block_len is 512 tokens, above the model's maximum of 256"),
+    ({"eval": {"seq_len": 300, "max_tokens": 600}}, r"steps\[1\].distill eval.seq_len is 300 tokens"),
+    ({"mode": "on_policy", "prompt_len": 200, "max_new_tokens": 100},
+     r"steps\[1\].distill prompt_len \+ max_new_tokens is 300 tokens"),
+])
+def test_a_later_steps_lengths_are_checked_before_the_first_step(tiny_dir, distill, message, monkeypatch):
+    model_dir, text = tiny_dir
+    fields = {"steps": 2, "data": {"block_len": 64}, "eval": {"seq_len": 64, "max_tokens": 128}, **distill}
+    data = _recipe(model_dir, text, [{"width": {"ffn": 0.25}}, {"distill": fields}])
+    ran = []
+    monkeypatch.setattr(slmkit.recipes, "apply_step", lambda model, step, *args, **kwargs: ran.append(step))
+    with pytest.raises(SlmkitError, match=message):
+        run_recipe(Recipe.from_dict(data))
+    assert ran == []  # the pruning did not run first
+
+
 def _interrupted_after_smoothquant(tiny_dir, output):
     """Run [smoothquant, test_flaky] to ``output`` with test_flaky interrupting; returns the recipe."""
     model_dir, text = tiny_dir

@@ -146,6 +146,13 @@ class DistillConfig(BaseConfig):
             raise ConfigError(f"teacher_quantize must be a quantization step, got {step.name!r} ({step.category})")
         return step
 
+    def token_lengths(self) -> dict[str, int]:
+        """Training blocks, evaluation windows and (on-policy) prompt plus sampled tokens."""
+        lengths = {"data.block_len": self.data.block_len, "eval.seq_len": self.eval.seq_len}
+        if self.mode != "off_policy":
+            lengths["prompt_len + max_new_tokens"] = self.prompt_len + self.max_new_tokens
+        return lengths
+
     def training_fingerprint(self) -> dict[str, Any]:
         """The fields a resumed run must share with the run that wrote the checkpoint (all but logging)."""
         fields = self.to_dict()
