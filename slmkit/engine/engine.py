@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from slmkit.config import BaseConfig, ConfigError, check_type
-from slmkit.engine.kv_cache import BlockAllocator, allocate_layer_caches, bytes_per_block
+from slmkit.engine.kv_cache import BlockAllocator, allocate_layer_caches, block_hash, bytes_per_block
 from slmkit.engine.runner import Batch, ModelRunner
 from slmkit.engine.sampling import SamplingParams, sample_tokens
 from slmkit.engine.scheduler import Scheduler, Sequence
@@ -34,6 +34,10 @@ from slmkit.models.arch import attention_shape, blocks, context_length, get_spec
 from slmkit.models.record import get_record, require_model
 
 DEFAULT_GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+# the prefix-cache chain of LongRoPE sequences whose prompts exceed the switch length (token -1 never occurs)
+LONG_ROPE_ROOT = block_hash(None, (-1,))
 
 
 @dataclasses.dataclass
@@ -218,6 +222,7 @@ class Engine:
         self._seeds = torch.Generator().manual_seed(config.seed)
         self.graph_batch_sizes: list[int] = []
         self.speculative_proposed = self.speculative_accepted = 0  # draft tokens, over the engine's life
+        self.long_rope_restarts = 0  # sequences computed again on growing past the LongRoPE switch length
         if config.cuda_graphs and on_cuda and use_kernels:
             if config.graph_batch_sizes:
                 sizes = sorted({s for s in config.graph_batch_sizes if 1 <= s <= config.max_batch_size})
@@ -284,6 +289,8 @@ class Engine:
         if not params.greedy:
             generator = torch.Generator(device=self.device).manual_seed(seed)
         sequence = Sequence(request_id, ids, params, generator)
+        if self._long_prompt(sequence):  # its cached blocks rotate otherwise than a short prompt's: no sharing
+            sequence.cache_root = LONG_ROPE_ROOT
         self._sequences[request_id] = sequence
         self.scheduler.add(sequence)
         return request_id
@@ -303,6 +310,7 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[StreamDelta]:
         """Run one scheduling step; returns what each request that produced tokens added."""
+        self._switch_to_long_rope()
         schedule = self.scheduler.schedule()
         verify = self._speculate(schedule.decode)  # (sequence, drafts): verified beside the prompt chunks
         if verify:
@@ -355,6 +363,8 @@ class Engine:
             if not params.greedy or params.repetition_penalty != 1.0:
                 continue
             room = min(k, params.max_tokens - len(sequence.output_ids) - 1)  # the verified token comes on top
+            if self.runner.rope_switch is not None and sequence.cache_root != LONG_ROPE_ROOT:
+                room = min(room, self.runner.rope_switch - sequence.num_tokens)  # LongRoPE: verify below the switch
             if room <= 0:
                 continue
             index = sequence.ngram_index
@@ -388,6 +398,32 @@ class Engine:
             self.scheduler.register_full_blocks(sequence)
         return merged
 
+    # LongRoPE (Phi-3.5, Phi-4-mini): a sequence longer than the switch length rotates every token, its
+    # cached keys included, with the long factors; a shorter one with the short factors. transformers'
+    # ``generate`` does the same for one sequence: when it grows past the switch, Phi-3 drops its cache and
+    # computes the whole sequence again. Here such a sequence is restarted (its blocks freed, all its tokens
+    # computed again), and its cached blocks chain from their own prefix-cache root.
+
+    def _long_prompt(self, sequence: Sequence) -> bool:
+        """LongRoPE: whether the sequence is longer than the switch length (its tokens use the long factors)."""
+        return self.runner.rope_switch is not None and sequence.num_tokens > self.runner.rope_switch
+
+    def _switch_to_long_rope(self) -> None:
+        """Restart the sequences that grew past the LongRoPE switch length since the last step."""
+        if self.runner.rope_switch is None:
+            return
+        for sequence in [*self.scheduler.running, *self.scheduler.waiting]:
+            if sequence.cache_root != LONG_ROPE_ROOT and self._long_prompt(sequence):
+                sequence.cache_root = LONG_ROPE_ROOT
+                self.scheduler.restart(sequence)
+                self.long_rope_restarts += 1
+
+    def _long_rope(self, owners: list[Sequence]) -> torch.Tensor | None:
+        """LongRoPE: per token (``owners``: the sequence of each), whether it rotates with the long factors."""
+        if self.runner.rope_switch is None:
+            return None
+        return torch.tensor([s.cache_root == LONG_ROPE_ROOT for s in owners], device=self.device)
+
     def _slots(self, sequence: Sequence, positions) -> list[int]:
         """Flat cache slots (block · block_size + offset) of a sequence's token positions."""
         bs = self.config.block_size
@@ -406,6 +442,7 @@ class Engine:
             decode=True,
             block_table=torch.tensor(table, dtype=torch.int32, device=device),
             seq_lens=torch.tensor([p + 1 for p in positions], dtype=torch.int32, device=device),
+            long_rope=self._long_rope(sequences),
         )
 
     @staticmethod
@@ -416,13 +453,14 @@ class Engine:
     def _chunk_batch(self, items: list[tuple[Sequence, list[int], bool]]) -> Batch:
         """Token runs (sequence, tokens, all_rows) that follow each sequence's computed tokens: prompt chunks
         (logits of the last row) and speculative verifications (logits of every row, ``all_rows``)."""
-        ids, positions, slots, gather, cu_q, cu_k, rows = [], [], [], [], [0], [0], []
+        ids, positions, slots, gather, cu_q, cu_k, rows, owners = [], [], [], [], [0], [0], [], []
         any_prefix = any(s.num_computed for s, _, _ in items)
         for sequence, tokens, all_rows in items:
             start, end = sequence.num_computed, sequence.num_computed + len(tokens)
             ids += tokens
             span = range(start, end)
             positions += span
+            owners += [sequence] * len(span)
             slots += self._slots(sequence, span)
             if any_prefix:
                 gather += self._slots(sequence, range(end))
@@ -440,6 +478,7 @@ class Engine:
             max_q=max(len(tokens) for _, tokens, _ in items),
             gather=torch.tensor(gather, device=device) if any_prefix else None,
             logits_rows=torch.tensor(rows, device=device),
+            long_rope=self._long_rope(owners),
         )
 
     def _sample(self, logits: torch.Tensor, sequences: list[Sequence]) -> torch.Tensor:
@@ -531,7 +570,7 @@ class Engine:
                 "prefix_cache_query_blocks": self.allocator.queries, "preemptions": self.scheduler.preemptions,
                 "cuda_graph_batch_sizes": self.graph_batch_sizes, "use_kernels": self.use_kernels,
                 "max_model_len": self.max_model_len, "speculative_proposed_tokens": self.speculative_proposed,
-                "speculative_accepted_tokens": self.speculative_accepted}
+                "speculative_accepted_tokens": self.speculative_accepted, "long_rope_restarts": self.long_rope_restarts}
 
 
 def _find_stop(text: str, stops: list[str], start: int) -> int | None:

@@ -13,6 +13,12 @@ Tokens of all sequences in a step are packed along one axis. A *prefill* batch c
 prompts (a chunk may follow keys already cached: a prefix-cache hit or an earlier chunk); a *decode*
 batch carries one token per sequence and reads the cache through block tables. On CUDA the decode
 step is captured once per batch size in a CUDA graph and replayed with padded inputs.
+
+Rotary cos/sin come from tables the model's own rotary module computes once, at start-up, for every
+position a sequence can reach: a step only indexes them (nothing data-dependent runs inside a CUDA graph).
+LongRoPE models (Phi-3.5, Phi-4-mini) have two tables, short and long factors, and each token takes its
+sequence's (``Batch.long_rope``: the engine marks the tokens of sequences longer than the switch length),
+whatever else shares the step; transformers' own module decides once per call for the whole batch.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from slmkit.kernels.decode_attention import decode_attention, decode_attention_r
 from slmkit.kernels.rmsnorm import rmsnorm
 from slmkit.kernels.swiglu import swiglu
 from slmkit.models.arch import (ArchSpec, attention_shape, attention_window, get_module, get_spec, logit_softcaps,
-                                rotary_key)
+                                rope_switch_length, rotary_key)
 
 
 @dataclasses.dataclass
@@ -43,6 +49,8 @@ class Batch:
     Decode: ``block_table`` (int32, B × blocks) and ``seq_lens`` (int32, B) include the new token;
     ``max_seqlen`` bounds them without a host read (set for CUDA graphs).
     ``logits_rows``: rows whose logits are returned (None: all).
+    ``long_rope`` (bool, N): LongRoPE models only, which tokens rotate with the long factors (the engine
+    marks those of sequences longer than the switch length); None: the tokens at positions past it.
     """
 
     input_ids: torch.Tensor
@@ -57,6 +65,7 @@ class Batch:
     seq_lens: torch.Tensor | None = None
     max_seqlen: int | None = None
     logits_rows: torch.Tensor | None = None
+    long_rope: torch.Tensor | None = None
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -151,6 +160,40 @@ class ModelRunner:
         self.scale_embeddings = spec.embed_scale and not hasattr(self.embed, "embed_scale")
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._static: dict[str, torch.Tensor] = {}
+        # rotary (cos, sin) per key over every reachable position; LongRoPE: the long factors' tables, and
+        # the short ones' over the positions before the switch
+        positions = max_blocks_per_seq * block_size
+        switch = rope_switch_length(model.config)
+        self.rope_switch = switch if switch is not None and positions > switch else None
+        self.rope_tables = {key: self._rotary_table(key, positions) for key in self.rotary_keys}
+        self.short_rope_tables = ({key: self._rotary_table(key, self.rope_switch) for key in self.rotary_keys}
+                                  if self.rope_switch is not None else {})
+
+    def _rotary_table(self, key: str | None, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of positions 0..length-1 from the model's rotary module, in the model's dtype. The module
+        sees them as one call, so a LongRoPE module picks its long factors when length > the switch length
+        (and its short ones after the last, shorter, call: its own state ends as it was)."""
+        weight = self.embed.weight
+        probe = torch.zeros(1, dtype=weight.dtype, device=weight.device)  # the module reads dtype and device
+        positions = torch.arange(length, device=weight.device)[None]
+        with torch.no_grad():
+            cos, sin = self.rotary(probe, positions, *((key,) if key else ()))
+        return cos[0].to(weight.dtype), sin[0].to(weight.dtype)
+
+    def _rotations(self, batch: Batch) -> dict[str | None, tuple[torch.Tensor, torch.Tensor]]:
+        """(cos, sin) of each token of ``batch`` per rotary key, from the tables."""
+        rotations = {}
+        positions = batch.positions
+        for key, (cos, sin) in self.rope_tables.items():
+            cos, sin = cos[positions], sin[positions]
+            if self.rope_switch is not None:
+                long = batch.long_rope if batch.long_rope is not None else positions >= self.rope_switch
+                rows = positions.clamp(max=self.rope_switch - 1)
+                short_cos, short_sin = self.short_rope_tables[key]
+                cos = torch.where(long[:, None], cos, short_cos[rows])
+                sin = torch.where(long[:, None], sin, short_sin[rows])
+            rotations[key] = cos, sin
+        return rotations
 
     # ---- the forward pass ---------------------------------------------------------------------------------
 
@@ -195,10 +238,7 @@ class ModelRunner:
             x = x * torch.tensor(self.hidden_size ** 0.5, dtype=x.dtype)
         if self.position_embed is not None:
             x = x + self.position_embed(batch.positions)
-        rotations = {}  # (cos, sin) per rotary key, computed once per forward
-        for key in self.rotary_keys:
-            cos, sin = self.rotary(x[None], batch.positions[None], *((key,) if key else ()))
-            rotations[key] = cos[0].to(x.dtype), sin[0].to(x.dtype)
+        rotations = self._rotations(batch)  # (cos, sin) per rotary key, once per forward
         delta = None
         for layer, cache in zip(self.layers, self.caches):
             h, x = self._add_norm(x, delta, layer.attn_norm)
@@ -236,6 +276,8 @@ class ModelRunner:
             "block_table": torch.zeros(largest, self.max_blocks_per_seq, dtype=torch.int32, device=device),
             "seq_lens": torch.ones(largest, dtype=torch.int32, device=device),
         }
+        if self.rope_switch is not None:
+            self._static["long_rope"] = torch.zeros(largest, dtype=torch.bool, device=device)
         pool = None
         for size in sorted(batch_sizes, reverse=True):  # largest first: smaller graphs reuse its memory pool
             batch = self._static_batch(size)
@@ -256,7 +298,8 @@ class ModelRunner:
         s = self._static
         return Batch(input_ids=s["input_ids"][:size], positions=s["positions"][:size], slots=s["slots"][:size],
                      decode=True, block_table=s["block_table"][:size], seq_lens=s["seq_lens"][:size],
-                     max_seqlen=self.max_blocks_per_seq * self.block_size)
+                     max_seqlen=self.max_blocks_per_seq * self.block_size,
+                     long_rope=s["long_rope"][:size] if "long_rope" in s else None)
 
     def graph_size(self, batch: int) -> int | None:
         """The smallest captured batch size that holds ``batch`` rows, or None."""
@@ -274,6 +317,10 @@ class ModelRunner:
         s["positions"][:rows].copy_(batch.positions)
         s["slots"][:rows].copy_(batch.slots)
         s["seq_lens"][:rows].copy_(batch.seq_lens)
+        if "long_rope" in s:
+            s["long_rope"][:rows].copy_(batch.long_rope if batch.long_rope is not None
+                                        else batch.positions >= self.rope_switch)
+            s["long_rope"][rows:size].zero_()
         table = s["block_table"]
         table[:size].zero_()
         table[:rows, : batch.block_table.shape[1]].copy_(batch.block_table)

@@ -49,6 +49,7 @@ class Sequence:
     first_token_time: float | None = None
     token_times: list[float] = dataclasses.field(default_factory=list)
     ngram_index: NgramIndex | None = None  # prompt-lookup drafts, built on the first speculative step
+    cache_root: int | None = None  # the prefix-cache chain starts here: blocks share across equal roots only
 
     @property
     def tokens(self) -> list[int]:
@@ -134,6 +135,14 @@ class Scheduler:
         self.preemptions += 1
         self.waiting.appendleft(sequence)
 
+    def restart(self, sequence: Sequence) -> None:
+        """Drop a sequence's cached keys and queue it first, to compute all its tokens again (not counted as a
+        preemption: LongRoPE's switch to the long factors, see ``Engine``)."""
+        if sequence in self.running:
+            self.running.remove(sequence)
+            self.waiting.appendleft(sequence)
+        self.free(sequence)
+
     def finish(self, sequence: Sequence) -> None:
         """Remove a finished (or aborted) sequence and free its blocks."""
         if sequence in self.running:
@@ -142,9 +151,10 @@ class Scheduler:
             self.waiting.remove(sequence)
         self.free(sequence)
 
-    def prefix_hashes(self, tokens: list[int], count: int) -> list[int]:
-        """Hashes of the first ``count`` full blocks of ``tokens``, each chained to the one before."""
-        hashes, parent = [], None
+    def prefix_hashes(self, tokens: list[int], count: int, root: int | None = None) -> list[int]:
+        """Hashes of the first ``count`` full blocks of ``tokens``, each chained to the one before (the first
+        to ``root``)."""
+        hashes, parent = [], root
         for i in range(count):
             parent = block_hash(parent, tuple(tokens[i * self.block_size:(i + 1) * self.block_size]))
             hashes.append(parent)
@@ -156,7 +166,7 @@ class Scheduler:
         if full <= len(sequence.hashes):
             return
         tokens = sequence.tokens
-        parent = sequence.hashes[-1] if sequence.hashes else None
+        parent = sequence.hashes[-1] if sequence.hashes else sequence.cache_root
         for i in range(len(sequence.hashes), full):
             parent = block_hash(parent, tuple(tokens[i * self.block_size:(i + 1) * self.block_size]))
             self.allocator.register(sequence.blocks[i], parent)
@@ -191,7 +201,7 @@ class Scheduler:
             sequence = self.waiting[0]
             if not sequence.blocks:
                 reusable = (sequence.num_tokens - 1) // self.block_size  # keep one token to compute logits from
-                hashes = self.prefix_hashes(sequence.tokens, reusable)
+                hashes = self.prefix_hashes(sequence.tokens, reusable, sequence.cache_root)
                 sequence.blocks = self.allocator.lookup(hashes)
                 sequence.hashes = hashes[: len(sequence.blocks)]
                 sequence.num_computed = len(sequence.blocks) * self.block_size

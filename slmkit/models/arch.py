@@ -225,6 +225,21 @@ def rotary_key(config, spec: ArchSpec, layer: int) -> str | None:
     return config.layer_types[layer] if spec.rotary_per_layer_type else ""
 
 
+def rope_switch_length(config) -> int | None:
+    """For LongRoPE (Phi-3.5, Phi-4-mini: ``rope_type: longrope``) the length past which transformers rotates
+    with the long factors instead of the short ones (``original_max_position_embeddings``); None otherwise.
+
+    transformers decides per forward call: the long factors when the call's largest position + 1 exceeds it.
+    A sequence therefore uses them for every token when its prompt is longer, and from that position on
+    otherwise; the engine decides the same way per token (see ``ModelRunner``).
+    """
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if not isinstance(rope, dict) or rope.get("rope_type", rope.get("type")) != "longrope":
+        return None
+    switch = rope.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", None)
+    return int(switch) if switch else None
+
+
 def logit_softcaps(config) -> tuple[float, float]:
     """(attention, final) logit soft-capping of the config, 0 where off (Gemma-2: 50 and 30)."""
     return (float(getattr(config, "attn_logit_softcapping", None) or 0.0),

@@ -239,3 +239,57 @@ def test_cli_generate_stream_prints_what_the_hf_path_prints(smollm2_path, capsys
 def test_bad_engine_config_fails_naming_the_field(fields, message):
     with pytest.raises(ConfigError, match=message):
         EngineConfig(**fields)
+
+
+# Phi-3.5 / Phi-4-mini style LongRoPE, shrunk: short factors up to position 32, long ones past it
+LONGROPE = dict(max_position_embeddings=256, original_max_position_embeddings=32, rope_parameters={
+    "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+    "short_factor": [1.0, 1.1, 1.2, 1.3], "long_factor": [2.0, 3.0, 4.0, 5.0], "original_max_position_embeddings": 32})
+
+
+def generate_without_cache(model, prompt: list[int], max_tokens: int) -> list[int]:
+    """Greedy tokens, each from a forward over the whole sequence so far: what transformers' ``generate``
+    computes for a LongRoPE Phi-3 (which drops its cache when the sequence grows past the switch; transformers
+    5.25 does it right, 5.17 fed only the last token at that step), without depending on the version."""
+    tokens = list(prompt)
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            tokens.append(int(model(torch.tensor([tokens])).logits[0, -1].argmax()))
+    return tokens[len(prompt):]
+
+
+def test_longrope_sequences_rotate_as_generate_does_for_each_alone():
+    # transformers rotates a Phi-3 sequence longer than 32 tokens with the long factors, its cached keys
+    # included, a shorter one with the short factors. Before, the engine picked once per step for the whole
+    # batch: a short prompt batched with a long one got the long factors, a long prompt's first chunk the
+    # short ones, and a sequence growing past 32 kept its short-rotated keys
+    model = peaked("phi3", **LONGROPE)
+    engine = Engine(model, SMALL)  # the kernels take cos/sin as given: test_gpu_engine_tiny runs them with this
+    assert engine.runner.rope_switch == 32
+    batch = prompts(5, 23, 32, 40, 70)  # 48-token steps: the prompts come in chunks
+    outs = engine.generate(batch, SamplingParams(max_tokens=40, ignore_eos=True), progress=False)
+    for prompt, out in zip(batch, outs):
+        assert out.token_ids == generate_without_cache(model, prompt, 40), f"prompt of {len(prompt)} tokens differs"
+    assert engine.stats()["long_rope_restarts"] == 3  # 5, 23 and 32 grew past the switch
+    # a short prompt must not reuse the cached blocks of a long one that starts the same way
+    long, short = prompts(41)[0], prompts(41)[0][:24] + [3, 4, 5]
+    for prompt, cached in ((long, 0), (short, 0), (long, 40)):  # long ones share
+        out = engine.generate([prompt], SamplingParams(max_tokens=4), progress=False)[0]
+        assert out.token_ids == generate_without_cache(model, prompt, 4) and out.cached_prompt_tokens == cached
+
+
+def test_longrope_speculation_stays_below_the_switch():
+    model = peaked("phi3", **LONGROPE)
+    engine = Engine(model, dataclasses.replace(SMALL, speculative_tokens=6))
+    repetitive = (prompts(9)[0] * 3)[:26]  # prompt lookup finds drafts that would cross position 32
+    out = engine.generate([repetitive], SamplingParams(max_tokens=24, ignore_eos=True), progress=False)[0]
+    assert out.token_ids == generate_without_cache(model, repetitive, 24)
+    assert engine.stats()["long_rope_restarts"] == 1 and engine.stats()["speculative_proposed_tokens"] > 0
+
+
+def test_rope_switch_length_is_read_from_the_config():
+    from slmkit.models.arch import rope_switch_length
+
+    assert rope_switch_length(tiny_config("phi3", **LONGROPE)) == 32
+    assert rope_switch_length(tiny_config("phi3")) is None
+    assert Engine(peaked("phi3", **LONGROPE), dataclasses.replace(SMALL, max_model_len=32)).runner.rope_switch is None

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from slmkit.engine import Engine, EngineConfig, SamplingParams
-from tests.engine.test_engine import peaked, prompts
+from tests.engine.test_engine import LONGROPE, peaked, prompts
 
 pytestmark = pytest.mark.gpu
 
@@ -31,3 +31,27 @@ def test_bf16_engine_with_kernels_and_graphs_agrees_with_hf(family, config, spec
         agree += int((chosen >= logits.max(dim=1).values - 0.5).sum())
         total += len(out.token_ids)
     assert total == 3 * 64 and agree / total >= 0.97, f"{agree}/{total}"
+
+
+def agreement_with_generate(model, prompt: list[int], tokens: list[int]) -> int:
+    """How many of the engine's ``tokens`` are (within 0.5 logits) the argmax of what ``generate`` computes at
+    that step: the logits of a forward over the sequence so far, no cache (for LongRoPE, generate's own
+    recomputation when a sequence grows past the switch: every token rotated as the sequence's length says)."""
+    agree = 0
+    for i, token in enumerate(tokens):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + tokens[:i]], device=model.device)).logits[0, -1].float()
+        agree += int(logits[token] >= logits.max() - 0.5)
+    return agree
+
+
+@pytest.mark.parametrize("speculative", [0, 4])
+def test_bf16_longrope_engine_with_kernels_and_graphs_agrees_with_generate(speculative):
+    model = peaked("phi3", **LONGROPE).to("cuda", torch.bfloat16)
+    engine = Engine(model, EngineConfig(block_size=16, max_batch_size=4, max_model_len=256,
+                                        speculative_tokens=speculative))
+    assert engine.use_kernels and engine.graph_batch_sizes and engine.runner.rope_switch == 32
+    batch = prompts(5, 23, 40)  # grows past the switch while decoding (graphs), crosses it, starts past it
+    outs = engine.generate(batch, SamplingParams(max_tokens=40, ignore_eos=True), progress=False)
+    agree = sum(agreement_with_generate(model, prompt, out.token_ids) for prompt, out in zip(batch, outs))
+    assert engine.stats()["long_rope_restarts"] == 2 and agree / (3 * 40) >= 0.97, f"{agree}/120"
