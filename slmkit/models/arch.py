@@ -293,8 +293,28 @@ def config_summary(config) -> dict[str, str]:
         kinds[kind] = kinds.get(kind, 0) + 1
     if len(kinds) > 1 or next(iter(kinds)) != "full":
         summary["attention"] = ", ".join(f"{count} × {kind}" for kind, count in kinds.items())
+    rotary = _rope_summary(config) if spec.rotary else None
+    if rotary:
+        summary["rotary"] = rotary
     summary["width pruning"] = ", ".join(spec.width_dims)
     return summary
+
+
+def _rope_summary(config) -> str | None:
+    """The rotary scaling in words when it is not plain RoPE (``llama3``, ``yarn``, ``longrope``...), else None."""
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if not isinstance(rope, dict):
+        return None
+    kinds = ({key: value.get("rope_type") for key, value in rope.items()} if rope and all(
+        isinstance(value, dict) for value in rope.values()) else {None: rope.get("rope_type", rope.get("type"))})
+    kinds = {key: kind for key, kind in kinds.items() if kind and kind != "default"}
+    if not kinds:
+        return None
+    text = ", ".join(f"{kind} ({key} layers)" if key else kind for key, kind in kinds.items())
+    switch = rope_switch_length(config)
+    if switch:
+        text += f": short factors up to {switch:,} tokens, long ones for longer sequences"
+    return text
 
 
 def intermediate_size(config, layer: int) -> int:

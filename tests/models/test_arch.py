@@ -84,3 +84,19 @@ def test_context_length_and_check_context():
     check_context(model, 256, "a block")  # exactly the limit is fine
     with pytest.raises(SlmkitError, match=r"^a block is 257 tokens, above the model's maximum of 256"):
         check_context(model, 257, "a block")
+
+
+def test_config_summary_names_a_scaled_rotary():
+    from tests.engine.test_engine import LONGROPE
+
+    summary = arch.config_summary(tiny_config("phi3", **LONGROPE))
+    assert summary["rotary"] == "longrope: short factors up to 32 tokens, long ones for longer sequences"
+    llama3 = tiny_config("llama", rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                   "original_max_position_embeddings": 8192})
+    assert arch.config_summary(llama3)["rotary"] == "llama3"
+    assert "rotary" not in arch.config_summary(tiny_config("llama"))  # plain RoPE says nothing
+    gemma3 = tiny_config("gemma3", rope_parameters={
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
+    assert arch.config_summary(gemma3)["rotary"] == "linear (full_attention layers)"
