@@ -40,7 +40,7 @@ class BaseConfig:
 
     def token_lengths(self) -> dict[str, int]:
         """The sequence lengths (in tokens) the step feeds the model beyond the recipe's calibration blocks,
-        by field name; recipes check them against the model's context before any work. None by default."""
+        by field name; recipes check them against the model's context before any work. None by default: {}."""
         return {}
 
     def check_environment(self, device: str) -> None:

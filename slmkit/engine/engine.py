@@ -36,7 +36,7 @@ from slmkit.models.record import get_record, require_model
 DEFAULT_GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
-# the prefix-cache chain of LongRoPE sequences whose prompts exceed the switch length (token -1 never occurs)
+# the prefix-cache chain of LongRoPE sequences longer than the switch length (token -1 never occurs)
 LONG_ROPE_ROOT = block_hash(None, (-1,))
 
 
