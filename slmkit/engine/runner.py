@@ -35,8 +35,8 @@ from slmkit.kernels.attention import prefill_attention, prefill_attention_ref
 from slmkit.kernels.decode_attention import decode_attention, decode_attention_ref
 from slmkit.kernels.rmsnorm import rmsnorm
 from slmkit.kernels.swiglu import swiglu
-from slmkit.models.arch import (ArchSpec, attention_shape, attention_window, get_module, get_spec, logit_softcaps,
-                                rope_switch_length, rotary_key)
+from slmkit.models.arch import (ArchSpec, attention_shape, attention_window, context_length, get_module, get_spec,
+                                logit_softcaps, rope_switch_length, rotary_key)
 
 
 @dataclasses.dataclass
@@ -162,7 +162,9 @@ class ModelRunner:
         self._static: dict[str, torch.Tensor] = {}
         # rotary (cos, sin) per key over every reachable position; LongRoPE: the long factors' tables, and
         # the short ones' over the positions before the switch
-        positions = max_blocks_per_seq * block_size
+        # (no further than the model's context: a "dynamic" NTK module rescales for the whole call past it)
+        reachable = max_blocks_per_seq * block_size
+        positions = min(reachable, context_length(model.config) or reachable)
         switch = rope_switch_length(model.config)
         self.rope_switch = switch if switch is not None and positions > switch else None
         self.rope_tables = {key: self._rotary_table(key, positions) for key in self.rotary_keys}

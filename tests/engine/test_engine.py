@@ -287,6 +287,16 @@ def test_longrope_speculation_stays_below_the_switch():
     assert engine.stats()["long_rope_restarts"] == 1 and engine.stats()["speculative_proposed_tokens"] > 0
 
 
+def test_dynamic_ntk_rope_within_the_context_equals_generate():
+    # the rotary tables stop at the model's context (100 here; the cache's blocks of 8 reach 104): a dynamic
+    # NTK module given positions past it rescales every position of the call
+    model = peaked("llama", max_position_embeddings=100,
+                   rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
+    engine = Engine(model, SMALL)
+    assert engine.max_model_len == 100 and engine.runner.rope_tables[""][0].shape[0] == 100
+    assert_same_as_hf(model, engine, prompts(20, 50), max_tokens=40)
+
+
 def test_rope_switch_length_is_read_from_the_config():
     from slmkit.models.arch import rope_switch_length
 
