@@ -272,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("model", help="model source: checkpoint dir, HF dir, hub id, .gguf, or smollm2-135m")
     ev.add_argument("--reference", help="the uncompressed model to compare against")
     ev.add_argument("--data", default="embedded",
-                    help="text: 'embedded', 'python-docs', a .txt/.jsonl/.parquet file or a directory of them, or hf:NAME[:CONFIG][:SPLIT]")
+                    help="text: 'embedded', 'python-docs', a .txt/.jsonl/.parquet file or a directory of them, "
+                         "or hf:NAME[:CONFIG][:SPLIT]")
     ev.add_argument("--split", default="eval", help="split of embedded / python-docs: eval (held out), calib or all")
     ev.add_argument("--max-tokens", type=int, default=16384, help="tokens to evaluate (default 16384)")
     ev.add_argument("--seq-len", type=int, default=1024, help="window length (default 1024)")
@@ -381,7 +382,7 @@ def _leave_process_group() -> None:
 
 
 def _out_of_device_memory(error: BaseException) -> bool:
-    """True for torch's out-of-memory error of an accelerator (torch is imported lazily, so checked by name)."""
+    """True for torch's out-of-memory error of an accelerator (torch is imported lazily: found in sys.modules)."""
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(error, getattr(torch, "OutOfMemoryError", ()))
 

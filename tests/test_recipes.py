@@ -207,7 +207,8 @@ def test_mixed_calibration_source_feeds_the_step_and_bad_parts_fail_first(tiny_d
 
 
 @pytest.mark.parametrize("section, key, message", [
-    ("evaluation", "seq_len", r"the evaluation window \(evaluation.seq_len\) is 512 tokens, above the model's maximum of 256"),
+    ("evaluation", "seq_len", r"the evaluation window \(evaluation.seq_len\) is 512 tokens, above the model's "
+                              r"maximum of 256"),
     ("calibration", "block_len", r"a calibration block \(calibration.block_len\) is 512 tokens, above the model's "
                                  r"maximum of 256"),
 ])
@@ -224,7 +225,8 @@ def test_windows_longer_than_the_model_fail_before_the_first_step(tiny_dir, sect
 
 
 @pytest.mark.parametrize("distill, message", [
-    ({"data": {"block_len": 512}}, r"steps\[1\].distill data.block_len is 512 tokens, above the model's maximum of 256"),
+    ({"data": {"block_len": 512}}, r"steps\[1\].distill data.block_len is 512 tokens, above the model's "
+                                   r"maximum of 256"),
     ({"eval": {"seq_len": 300, "max_tokens": 600}}, r"steps\[1\].distill eval.seq_len is 300 tokens"),
     ({"mode": "on_policy", "prompt_len": 200, "max_new_tokens": 100},
      r"steps\[1\].distill prompt_len \+ max_new_tokens is 300 tokens"),
