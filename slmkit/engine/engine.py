@@ -289,7 +289,7 @@ class Engine:
         if not params.greedy:
             generator = torch.Generator(device=self.device).manual_seed(seed)
         sequence = Sequence(request_id, ids, params, generator)
-        if self._long_prompt(sequence):  # its cached blocks rotate otherwise than a short prompt's: no sharing
+        if self._past_rope_switch(sequence):  # its cached blocks rotate otherwise than a short prompt's: no sharing
             sequence.cache_root = LONG_ROPE_ROOT
         self._sequences[request_id] = sequence
         self.scheduler.add(sequence)
@@ -404,7 +404,7 @@ class Engine:
     # computes the whole sequence again. Here such a sequence is restarted (its blocks freed, all its tokens
     # computed again), and its cached blocks chain from their own prefix-cache root.
 
-    def _long_prompt(self, sequence: Sequence) -> bool:
+    def _past_rope_switch(self, sequence: Sequence) -> bool:
         """LongRoPE: whether the sequence is longer than the switch length (its tokens use the long factors)."""
         return self.runner.rope_switch is not None and sequence.num_tokens > self.runner.rope_switch
 
@@ -413,7 +413,7 @@ class Engine:
         if self.runner.rope_switch is None:
             return
         for sequence in [*self.scheduler.running, *self.scheduler.waiting]:
-            if sequence.cache_root != LONG_ROPE_ROOT and self._long_prompt(sequence):
+            if sequence.cache_root != LONG_ROPE_ROOT and self._past_rope_switch(sequence):
                 sequence.cache_root = LONG_ROPE_ROOT
                 self.scheduler.restart(sequence)
                 self.long_rope_restarts += 1

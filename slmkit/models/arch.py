@@ -225,6 +225,13 @@ def rotary_key(config, spec: ArchSpec, layer: int) -> str | None:
     return config.layer_types[layer] if spec.rotary_per_layer_type else ""
 
 
+def _rope_parameters(config) -> dict:
+    """The config's rotary settings (``rope_parameters``; older configs: ``rope_scaling``), {} when none. Per
+    layer type ({layer type: settings}) where the model rotates each kind of layer its own way (Gemma-3)."""
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return rope if isinstance(rope, dict) else {}
+
+
 def rope_switch_length(config) -> int | None:
     """For LongRoPE (Phi-3.5, Phi-4-mini: ``rope_type: longrope``) the length past which transformers rotates
     with the long factors instead of the short ones (``original_max_position_embeddings``); None otherwise.
@@ -233,8 +240,8 @@ def rope_switch_length(config) -> int | None:
     A sequence therefore uses them for every token when its prompt is longer, and from that position on
     otherwise; the engine decides the same way per token (see ``ModelRunner``).
     """
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if not isinstance(rope, dict) or rope.get("rope_type", rope.get("type")) != "longrope":
+    rope = _rope_parameters(config)
+    if rope.get("rope_type", rope.get("type")) != "longrope":
         return None
     switch = rope.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", None)
     return int(switch) if switch else None
@@ -302,9 +309,7 @@ def config_summary(config) -> dict[str, str]:
 
 def _rope_summary(config) -> str | None:
     """The rotary scaling in words when it is not plain RoPE (``llama3``, ``yarn``, ``longrope``...), else None."""
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if not isinstance(rope, dict):
-        return None
+    rope = _rope_parameters(config)
     kinds = ({key: value.get("rope_type") for key, value in rope.items()} if rope and all(
         isinstance(value, dict) for value in rope.values()) else {None: rope.get("rope_type", rope.get("type"))})
     kinds = {key: kind for key, kind in kinds.items() if kind and kind != "default"}

@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from slmkit._files import default_modes, ensure_new
-from slmkit.errors import SlmkitError
+from slmkit.errors import SlmkitError, first_line
 from slmkit.models.arch import set_module
 from slmkit.models.record import ModelRecord, attach_record, get_record, require_model
 from slmkit.quantize.linear import W8A8Linear, WeightOnlyLinear
@@ -284,7 +284,7 @@ def load_compressed_tensors(path: str | os.PathLike, dtype: torch.dtype = torch.
         try:
             state.update(load_file(str(file)))
         except (OSError, SafetensorError) as error:
-            raise SlmkitError(f"{file}: cannot read it ({error}); export the model again") from None
+            raise SlmkitError(f"{file}: cannot read it ({first_line(error)}); export the model again") from None
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     modules = {}
     for group in quant.get("config_groups", {}).values():
