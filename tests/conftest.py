@@ -19,7 +19,7 @@ def pytest_configure(config):
         raise pytest.UsageError(problem)
 
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "smollm3", "phi3", "gpt2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "smollm3", "phi3", "granite", "olmo2", "exaone4", "gpt2")
 
 
 def tiny_config(family: str, vocab_size: int = 256, **overrides):
@@ -34,13 +34,20 @@ def tiny_config(family: str, vocab_size: int = 256, **overrides):
                                        **overrides)
     classes = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
                "gemma": "GemmaConfig", "gemma2": "Gemma2Config", "gemma3": "Gemma3TextConfig",
-               "smollm3": "SmolLM3Config", "phi3": "Phi3Config"}
+               "smollm3": "SmolLM3Config", "phi3": "Phi3Config", "granite": "GraniteConfig",
+               "olmo2": "Olmo2Config", "exaone4": "Exaone4Config"}
     extra = {"gemma": dict(head_dim=16), "gemma2": dict(head_dim=16), "qwen3": dict(head_dim=16),
              # one sliding block (window 8, so the window matters) and one full block, each with its own
              # rotary base; SmolLM3's second block has no rotary at all
              "gemma3": dict(head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
              "smollm3": dict(no_rope_layers=[1, 0], pad_token_id=0, bos_token_id=1, eos_token_id=2),
-             "phi3": dict(pad_token_id=0)}
+             "phi3": dict(pad_token_id=0),
+             # Granite-3.x 2B's multipliers (embedding 12, residual 0.22, attention 1/64, logits ÷ 8)
+             "granite": dict(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.015625,
+                             logits_scaling=8.0),
+             "olmo2": dict(pad_token_id=1, eos_token_id=2),
+             # a sliding block (window 8) and a full block without rotary (EXAONE-4's global NoPE)
+             "exaone4": dict(sliding_window=8, sliding_window_pattern=2)}
     return getattr(transformers, classes[family])(**{**common, **extra.get(family, {}), **overrides})
 
 

@@ -36,7 +36,7 @@ from slmkit.kernels.decode_attention import decode_attention, decode_attention_r
 from slmkit.kernels.rmsnorm import rmsnorm
 from slmkit.kernels.swiglu import swiglu
 from slmkit.models.arch import (ArchSpec, attention_shape, attention_window, context_length, get_module, get_spec,
-                                logit_softcaps, rope_switch_length, rotary_key)
+                                logit_softcaps, multipliers, rope_switch_length, rotary_key)
 
 
 @dataclasses.dataclass
@@ -95,8 +95,8 @@ class _Layer:
         block = get_module(model, spec.layers)[index]
         shape = attention_shape(model.config, index)
         self.num_heads, self.num_kv_heads, self.head_dim = shape.num_heads, shape.num_kv_heads, shape.head_dim
-        self.attn_norm = get_module(block, spec.attn_norm)
-        self.mlp_norm = get_module(block, spec.mlp_norm)
+        self.attn_norm = get_module(block, spec.attn_norm) if spec.attn_norm else None
+        self.mlp_norm = get_module(block, spec.mlp_norm) if spec.mlp_norm else None
         self.attn_out_norm = get_module(block, spec.attn_out_norm) if spec.attn_out_norm else None
         self.mlp_out_norm = get_module(block, spec.mlp_out_norm) if spec.mlp_out_norm else None
         self.window = attention_window(model.config, index)  # 0: full attention
@@ -106,6 +106,7 @@ class _Layer:
         self.q, self.k, self.v = (None, None, None) if spec.qkv else (get_module(block, n) for n in (spec.q, spec.k, spec.v))
         self.q_norm = get_module(block, spec.q_norm) if spec.q_norm else None
         self.k_norm = get_module(block, spec.k_norm) if spec.k_norm else None
+        self.qk_norm_per_head = spec.qk_norm_per_head
         self.o = get_module(block, spec.o)
         self.mlp = get_module(block, spec.down.rpartition(".")[0])
         attn = get_module(block, spec.o.rpartition(".")[0])
@@ -117,15 +118,20 @@ class _Layer:
         self.down = get_module(block, spec.down)
 
     def project_qkv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q (N, Hq, D), k and v (N, Hkv, D) of normed hidden states h (N, hidden); fused qkv split by rows."""
+        """q (N, Hq, D), k and v (N, Hkv, D) of the attention input h (N, hidden), q and k through their norms
+        if the block has them (per head, or over the whole projection); fused qkv split by rows."""
         n = h.shape[0]
         if self.qkv is not None:
             q_rows, kv_rows = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
             q, k, v = self.qkv(h).split((q_rows, kv_rows, kv_rows), dim=-1)
         else:
             q, k, v = self.q(h), self.k(h), self.v(h)
-        return (q.reshape(n, self.num_heads, self.head_dim), k.reshape(n, self.num_kv_heads, self.head_dim),
-                v.reshape(n, self.num_kv_heads, self.head_dim))
+        if self.q_norm is not None and not self.qk_norm_per_head:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.reshape(n, self.num_heads, self.head_dim), k.reshape(n, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.qk_norm_per_head:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v.reshape(n, self.num_kv_heads, self.head_dim)
 
 
 class ModelRunner:
@@ -156,6 +162,7 @@ class ModelRunner:
         self.hidden_size = model.config.hidden_size
         self.offset = spec.norm_offset
         self.final_softcap = logit_softcaps(model.config)[1]
+        self.multipliers = multipliers(model.config, spec)  # Granite's constant scalings (1 elsewhere)
         # Gemma's √hidden embedding scale: newer transformers put it in the embedding module itself
         self.scale_embeddings = spec.embed_scale and not hasattr(self.embed, "embed_scale")
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -199,8 +206,13 @@ class ModelRunner:
 
     # ---- the forward pass ---------------------------------------------------------------------------------
 
-    def _add_norm(self, x: torch.Tensor, delta: torch.Tensor | None, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        """(norm(x + delta), x + delta): the residual add fused with an RMSNorm when kernels are on."""
+    def _add_norm(self, x: torch.Tensor, delta: torch.Tensor | None,
+                  norm: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + delta), x + delta): the residual add fused with an RMSNorm when kernels are on; no norm
+        (OLMo-2's blocks): (x + delta, x + delta)."""
+        if norm is None:
+            x = x if delta is None else x + delta
+            return x, x
         params = _rms_norm_params(norm) if self.use_kernels else None
         if params is not None:
             weight, eps = params
@@ -238,6 +250,8 @@ class ModelRunner:
         x = self.embed(batch.input_ids)  # (N, hidden)
         if self.scale_embeddings:
             x = x * torch.tensor(self.hidden_size ** 0.5, dtype=x.dtype)
+        if self.multipliers.embedding != 1.0:
+            x = x * self.multipliers.embedding
         if self.position_embed is not None:
             x = x + self.position_embed(batch.positions)
         rotations = self._rotations(batch)  # (cos, sin) per rotary key, once per forward
@@ -245,22 +259,26 @@ class ModelRunner:
         for layer, cache in zip(self.layers, self.caches):
             h, x = self._add_norm(x, delta, layer.attn_norm)
             q, k, v = layer.project_qkv(h)
-            if layer.q_norm is not None:
-                q, k = layer.q_norm(q), layer.k_norm(k)
             if layer.rotary_key is not None:
                 cos, sin = rotations[layer.rotary_key]
                 q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
             attn = layer.o(self._attention(layer, cache, q, k, v, batch).flatten(1))
             if layer.attn_out_norm is not None:
                 attn = layer.attn_out_norm(attn)
+            if self.multipliers.residual != 1.0:
+                attn = attn * self.multipliers.residual
             h, x = self._add_norm(x, attn, layer.mlp_norm)
             delta = self._mlp(layer, h)
             if layer.mlp_out_norm is not None:
                 delta = layer.mlp_out_norm(delta)
+            if self.multipliers.residual != 1.0:
+                delta = delta * self.multipliers.residual
         x = x + delta
         if batch.logits_rows is not None:
             x = x[batch.logits_rows]
         logits = self.lm_head(self.final_norm(x)).float()
+        if self.multipliers.logits_divisor != 1.0:
+            logits = logits / self.multipliers.logits_divisor
         if self.final_softcap:
             logits = self.final_softcap * torch.tanh(logits / self.final_softcap)
         return logits

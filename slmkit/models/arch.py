@@ -29,8 +29,10 @@ class ArchSpec:
     embed: str = "model.embed_tokens"
     final_norm: str = "model.norm"
     lm_head: str = "lm_head"
-    attn_norm: str = "input_layernorm"  # the norm whose output feeds q/k/v
-    mlp_norm: str = "post_attention_layernorm"  # the norm whose output feeds gate/up
+    # The norms whose outputs feed q/k/v and gate/up; None where the block's input feeds them unnormalized
+    # (OLMo-2 normalizes the attention and MLP outputs instead: ``attn_out_norm`` / ``mlp_out_norm``).
+    attn_norm: str | None = "input_layernorm"
+    mlp_norm: str | None = "post_attention_layernorm"
     q: str | None = "self_attn.q_proj"
     k: str | None = "self_attn.k_proj"
     v: str | None = "self_attn.v_proj"
@@ -56,12 +58,22 @@ class ArchSpec:
     rotary: str | None = "model.rotary_emb"  # model-level module returning (cos, sin) for positions
     position_embed: str | None = None  # learned absolute positions added to the embeddings (GPT-2)
     embed_scale: bool = False  # embeddings multiplied by sqrt(hidden_size) (Gemma)
-    q_norm: str | None = None  # per-head norms of queries / keys before rotary (Qwen3)
+    q_norm: str | None = None  # norms of queries / keys before rotary (Qwen3, OLMo-2)
     k_norm: str | None = None
+    # Qwen3's q/k norms normalize each head; OLMo-2's normalize the whole projection (all heads together).
+    qk_norm_per_head: bool = True
     # The rotary module takes the block's layer type: sliding and full layers rotate with different bases
     # (Gemma-3: 10k local, 1M global). Blocks whose ``config.no_rope_layers`` entry is 0 rotate nothing
     # (SmolLM3's NoPE layers); see :func:`rotary_key`.
     rotary_per_layer_type: bool = False
+    # When the config sets a sliding window, full-attention blocks rotate nothing (EXAONE-4's global NoPE).
+    full_layers_nope: bool = False
+    # Constant multipliers the family reads from its config (Granite), as config attribute names: embeddings ×
+    # ``embedding_multiplier``; each block's attention and MLP outputs × ``residual_multiplier`` before their
+    # residual adds; logits ÷ ``logits_divisor``. See :func:`multipliers`.
+    embedding_multiplier: str | None = None
+    residual_multiplier: str | None = None
+    logits_divisor: str | None = None
 
     def linear_names(self) -> list[str]:
         """Block-relative paths of every linear projection in a block (attention, then MLP)."""
@@ -129,6 +141,25 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         gate_up="mlp.gate_up_proj",
         width_dims=("ffn",),
     ),
+    # IBM Granite 3.x dense models: Llama's layout with four constant multipliers (embeddings, residual branches,
+    # logits; the attention scale is the attention module's own ``scaling``). Its config derives head_dim from
+    # hidden_size / heads, so only FFN width can change.
+    dataclasses.replace(_LLAMA, family="granite", model_types=("granite",), width_dims=("ffn",),
+                        embedding_multiplier="embedding_multiplier", residual_multiplier="residual_multiplier",
+                        logits_divisor="logits_scaling"),
+    # OLMo-2 (1B, 7B, 13B, 32B): no norm before attention or MLP; each output is normalized before its
+    # residual add, and q / k are normalized over the whole projection. No norm→projection site, so SmoothQuant
+    # and AWQ scale only v→o and up→down. head_dim derives from hidden_size / heads: FFN width only.
+    dataclasses.replace(_LLAMA, family="olmo2", model_types=("olmo2",), attn_norm=None, mlp_norm=None,
+                        attn_out_norm="post_attention_layernorm", mlp_out_norm="post_feedforward_layernorm",
+                        q_norm="self_attn.q_norm", k_norm="self_attn.k_norm", qk_norm_per_head=False,
+                        width_dims=("ffn",)),
+    # EXAONE-4.0 (1.2B, 32B): OLMo-2's output-only norms with Qwen3's per-head q/k norms; with a sliding window,
+    # three sliding blocks to one full block, and the full blocks have no rotary.
+    dataclasses.replace(_LLAMA, family="exaone4", model_types=("exaone4",), attn_norm=None, mlp_norm=None,
+                        attn_out_norm="post_attention_layernorm", mlp_out_norm="post_feedforward_layernorm",
+                        q_norm="self_attn.q_norm", k_norm="self_attn.k_norm", full_layers_nope=True,
+                        width_dims=("ffn",)),
     ArchSpec(
         family="gpt2",
         model_types=("gpt2",),
@@ -215,12 +246,15 @@ def attention_window(config, layer: int) -> int:
 
 def rotary_key(config, spec: ArchSpec, layer: int) -> str | None:
     """The rotary embedding block ``layer`` applies: None for none (GPT-2's learned positions; SmolLM3's
-    NoPE blocks, ``no_rope_layers[layer] == 0``), "" for the model's one rotary module, or the layer type
+    NoPE blocks, ``no_rope_layers[layer] == 0``; EXAONE-4's full-attention blocks), "" for the model's one rotary module, or the layer type
     the module is called with (Gemma-3: "sliding_attention" and "full_attention" use different bases)."""
     if spec.rotary is None:
         return None
     no_rope = getattr(config, "no_rope_layers", None)
     if no_rope and not no_rope[layer]:
+        return None
+    if (spec.full_layers_nope and getattr(config, "sliding_window", None) is not None
+            and attention_window(config, layer) == 0):
         return None
     return config.layer_types[layer] if spec.rotary_per_layer_type else ""
 
@@ -251,6 +285,26 @@ def logit_softcaps(config) -> tuple[float, float]:
     """(attention, final) logit soft-capping of the config, 0 where off (Gemma-2: 50 and 30)."""
     return (float(getattr(config, "attn_logit_softcapping", None) or 0.0),
             float(getattr(config, "final_logit_softcapping", None) or 0.0))
+
+
+@dataclasses.dataclass(frozen=True)
+class Multipliers:
+    """Constant scalings of a family's forward pass (all 1 except for Granite-style models)."""
+
+    embedding: float = 1.0  # the token embeddings are multiplied by this
+    residual: float = 1.0  # each attention and MLP output, before its residual add
+    logits_divisor: float = 1.0  # the logits are divided by this
+
+
+def multipliers(config, spec: ArchSpec | None = None) -> Multipliers:
+    """The :class:`Multipliers` of ``config``, read from the attributes its :class:`ArchSpec` names."""
+    spec = spec or get_spec(config)
+
+    def read(name: str | None) -> float:
+        value = getattr(config, name, None) if name else None
+        return 1.0 if value is None else float(value)
+
+    return Multipliers(read(spec.embedding_multiplier), read(spec.residual_multiplier), read(spec.logits_divisor))
 
 
 def context_length(config) -> int | None:
@@ -303,6 +357,13 @@ def config_summary(config) -> dict[str, str]:
     rotary = _rope_summary(config) if spec.rotary else None
     if rotary:
         summary["rotary"] = rotary
+    if not spec.attn_norm and not spec.mlp_norm:
+        summary["norms"] = ("on the attention and MLP outputs only: SmoothQuant and AWQ scale v→o and up→down, "
+                            "not q/k/v or gate/up")
+    scalings = multipliers(config, spec)
+    if scalings != Multipliers():
+        summary["multipliers"] = (f"embeddings × {scalings.embedding:g}, attention and MLP outputs × "
+                                  f"{scalings.residual:g}, logits ÷ {scalings.logits_divisor:g}")
     summary["width pruning"] = ", ".join(spec.width_dims)
     return summary
 
@@ -414,10 +475,11 @@ def fold_groups(model: nn.Module, block: nn.Module) -> list[FoldGroup]:
     mlp_targets = (get_module(block, spec.gate_up),) if spec.gate_up else tuple(
         get_module(block, n) for n in (spec.gate, spec.up) if n
     )
-    groups = [
-        FoldGroup("attn_norm->qkv", get_module(block, spec.attn_norm), True, qkv_targets),
-        FoldGroup("mlp_norm->gate_up", get_module(block, spec.mlp_norm), True, mlp_targets),
-    ]
+    groups = []  # a norm→projections site only where a norm feeds the projections (not OLMo-2's)
+    if spec.attn_norm:
+        groups.append(FoldGroup("attn_norm->qkv", get_module(block, spec.attn_norm), True, qkv_targets))
+    if spec.mlp_norm:
+        groups.append(FoldGroup("mlp_norm->gate_up", get_module(block, spec.mlp_norm), True, mlp_targets))
     # v's output rows reach o's input columns unchanged (attention mixes positions, not channels).
     if spec.qkv:
         start = shape.q_rows + shape.kv_rows

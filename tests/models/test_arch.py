@@ -28,13 +28,15 @@ def test_fold_groups_have_matching_shapes(family):
     block = arch.blocks(model)[0]
     groups = {g.name: g for g in arch.fold_groups(model, block)}
     expected = {"attn_norm->qkv", "mlp_norm->gate_up", "v->o"} | ({"up->down"} if family != "gpt2" else set())
+    if family in ("olmo2", "exaone4"):  # no norm before attention or MLP: nothing folds into q/k/v or gate/up
+        expected -= {"attn_norm->qkv", "mlp_norm->gate_up"}
     assert set(groups) == expected
     shape = arch.attention_shape(model.config)
     v_o = groups["v->o"]
     rows = arch.weight_out_in(v_o.source)[v_o.source_rows or slice(None)].shape[0]
     assert rows == shape.kv_rows
     assert arch.weight_out_in(v_o.targets[0]).shape[1] == rows * v_o.kv_group
-    for name in ("attn_norm->qkv", "mlp_norm->gate_up"):
+    for name in {"attn_norm->qkv", "mlp_norm->gate_up"} & set(groups):
         group = groups[name]
         width = group.source.weight.shape[0]
         assert all(arch.weight_out_in(t).shape[1] == width for t in group.targets)
@@ -65,12 +67,15 @@ def test_supported_list_covers_the_families():
 
 def test_rotary_key_per_block():
     # Llama: the one rotary module; GPT-2: learned positions; Gemma-3: the block's layer type picks the
-    # base (10k sliding, 1M full); SmolLM3: blocks whose no_rope_layers entry is 0 rotate nothing
+    # base (10k sliding, 1M full); SmolLM3: blocks whose no_rope_layers entry is 0 rotate nothing; EXAONE-4:
+    # with a sliding window the full block rotates nothing, without one every block rotates
     expected = {"llama": ["", ""], "gpt2": [None, None], "gemma3": ["sliding_attention", "full_attention"],
-                "smollm3": ["", None]}
+                "smollm3": ["", None], "exaone4": ["", None]}
     for family, keys in expected.items():
         config = tiny_config(family)
         assert [arch.rotary_key(config, arch.get_spec(config), i) for i in range(2)] == keys, family
+    config = tiny_config("exaone4", sliding_window=None, layer_types=["full_attention"] * 2)
+    assert [arch.rotary_key(config, arch.get_spec(config), i) for i in range(2)] == ["", ""]
 
 
 def test_context_length_and_check_context():
@@ -100,3 +105,19 @@ def test_config_summary_names_a_scaled_rotary():
         "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
     assert arch.config_summary(gemma3)["rotary"] == "linear (full_attention layers)"
+
+
+def test_granite_multipliers_are_read_from_the_config_and_summarized():
+    config = tiny_config("granite")
+    assert arch.multipliers(config) == arch.Multipliers(embedding=12.0, residual=0.22, logits_divisor=8.0)
+    assert arch.multipliers(tiny_config("llama")) == arch.Multipliers()  # other families: all 1
+    summary = arch.config_summary(config)
+    assert summary["multipliers"] == "embeddings × 12, attention and MLP outputs × 0.22, logits ÷ 8"
+    assert "multipliers" not in arch.config_summary(tiny_config("llama"))
+
+
+@pytest.mark.parametrize("family", ["olmo2", "exaone4"])
+def test_output_only_norms_are_summarized(family):
+    summary = arch.config_summary(tiny_config(family))
+    assert summary["norms"].startswith("on the attention and MLP outputs only")
+    assert "norms" not in arch.config_summary(tiny_config("gemma2"))  # pre- and post-norms
