@@ -19,7 +19,7 @@ def pytest_configure(config):
         raise pytest.UsageError(problem)
 
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "smollm3", "phi3", "granite", "olmo2", "exaone4", "gpt2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "smollm3", "phi3", "granite", "olmo2", "exaone4", "hunyuan", "gpt2")
 
 
 def tiny_config(family: str, vocab_size: int = 256, **overrides):
@@ -35,7 +35,8 @@ def tiny_config(family: str, vocab_size: int = 256, **overrides):
     classes = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
                "gemma": "GemmaConfig", "gemma2": "Gemma2Config", "gemma3": "Gemma3TextConfig",
                "smollm3": "SmolLM3Config", "phi3": "Phi3Config", "granite": "GraniteConfig",
-               "olmo2": "Olmo2Config", "exaone4": "Exaone4Config"}
+               "olmo2": "Olmo2Config", "exaone4": "Exaone4Config",
+               "hunyuan": "HunYuanDenseV1Config"}
     extra = {"gemma": dict(head_dim=16), "gemma2": dict(head_dim=16), "qwen3": dict(head_dim=16),
              # one sliding block (window 8, so the window matters) and one full block, each with its own
              # rotary base; SmolLM3's second block has no rotary at all
@@ -47,7 +48,8 @@ def tiny_config(family: str, vocab_size: int = 256, **overrides):
                              logits_scaling=8.0),
              "olmo2": dict(pad_token_id=1, eos_token_id=2),
              # a sliding block (window 8) and a full block without rotary (EXAONE-4's global NoPE)
-             "exaone4": dict(sliding_window=8, sliding_window_pattern=2)}
+             "exaone4": dict(sliding_window=8, sliding_window_pattern=2),
+             "hunyuan": dict(head_dim=16, eod_token_id=3)}
     return getattr(transformers, classes[family])(**{**common, **extra.get(family, {}), **overrides})
 
 

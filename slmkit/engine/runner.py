@@ -107,6 +107,7 @@ class _Layer:
         self.q_norm = get_module(block, spec.q_norm) if spec.q_norm else None
         self.k_norm = get_module(block, spec.k_norm) if spec.k_norm else None
         self.qk_norm_per_head = spec.qk_norm_per_head
+        self.qk_norm_after_rotary = spec.qk_norm_after_rotary
         self.o = get_module(block, spec.o)
         self.mlp = get_module(block, spec.down.rpartition(".")[0])
         attn = get_module(block, spec.o.rpartition(".")[0])
@@ -119,17 +120,19 @@ class _Layer:
 
     def project_qkv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q (N, Hq, D), k and v (N, Hkv, D) of the attention input h (N, hidden), q and k through their norms
-        if the block has them (per head, or over the whole projection); fused qkv split by rows."""
+        if the block has them before its rotary (per head, or over the whole projection); fused qkv split by
+        rows."""
         n = h.shape[0]
         if self.qkv is not None:
             q_rows, kv_rows = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
             q, k, v = self.qkv(h).split((q_rows, kv_rows, kv_rows), dim=-1)
         else:
             q, k, v = self.q(h), self.k(h), self.v(h)
-        if self.q_norm is not None and not self.qk_norm_per_head:
+        norm = self.q_norm is not None and not self.qk_norm_after_rotary
+        if norm and not self.qk_norm_per_head:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.reshape(n, self.num_heads, self.head_dim), k.reshape(n, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.qk_norm_per_head:
+        if norm and self.qk_norm_per_head:
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v.reshape(n, self.num_kv_heads, self.head_dim)
 
@@ -262,6 +265,8 @@ class ModelRunner:
             if layer.rotary_key is not None:
                 cos, sin = rotations[layer.rotary_key]
                 q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            if layer.q_norm is not None and layer.qk_norm_after_rotary:
+                q, k = layer.q_norm(q), layer.k_norm(k)
             attn = layer.o(self._attention(layer, cache, q, k, v, batch).flatten(1))
             if layer.attn_out_norm is not None:
                 attn = layer.attn_out_norm(attn)

@@ -62,6 +62,8 @@ class ArchSpec:
     k_norm: str | None = None
     # Qwen3's q/k norms normalize each head; OLMo-2's normalize the whole projection (all heads together).
     qk_norm_per_head: bool = True
+    # The q/k norms come after the rotary embedding instead of before it (Hunyuan's).
+    qk_norm_after_rotary: bool = False
     # The rotary module takes the block's layer type: sliding and full layers rotate with different bases
     # (Gemma-3: 10k local, 1M global). Blocks whose ``config.no_rope_layers`` entry is 0 rotate nothing
     # (SmolLM3's NoPE layers); see :func:`rotary_key`.
@@ -160,6 +162,11 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
                         attn_out_norm="post_attention_layernorm", mlp_out_norm="post_feedforward_layernorm",
                         q_norm="self_attn.q_norm", k_norm="self_attn.k_norm", full_layers_nope=True,
                         width_dims=("ffn",)),
+    # Tencent Hunyuan dense models (0.5B to 7B): Llama's layout with per-head q/k norms after the rotary
+    # embedding (their config sets head_dim, so heads and hidden size can be pruned too).
+    dataclasses.replace(_LLAMA, family="hunyuan", model_types=("hunyuan_v1_dense",),
+                        q_norm="self_attn.query_layernorm", k_norm="self_attn.key_layernorm",
+                        qk_norm_after_rotary=True),
     ArchSpec(
         family="gpt2",
         model_types=("gpt2",),
@@ -376,6 +383,8 @@ def _rope_summary(config) -> str | None:
     kinds = {key: kind for key, kind in kinds.items() if kind and kind != "default"}
     if not kinds:
         return None
+    if kinds == {None: "dynamic"} and rope.get("alpha"):  # a fixed NTK alpha: static frequencies (Hunyuan)
+        kinds = {None: f"NTK alpha {rope['alpha']:g} (fixed, not dynamic)"}
     text = ", ".join(f"{kind} ({key} layers)" if key else kind for key, kind in kinds.items())
     switch = rope_switch_length(config)
     if switch:

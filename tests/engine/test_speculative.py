@@ -62,10 +62,12 @@ def repetitive(length: int, period: int, seed: int) -> list[int]:
 
 @pytest.mark.parametrize("family, use_kernels", [("llama", False), ("qwen3", False), ("gemma2", False),
                                                  ("gemma3", False), ("smollm3", False), ("granite", False),
-                                                 ("olmo2", False), ("exaone4", False),
+                                                 ("olmo2", False), ("exaone4", False), ("hunyuan", False),
                                                  ("gemma2", True)])  # the kernels in the CPU interpreter: slow
 def test_speculation_changes_no_token_and_saves_forward_passes(family, use_kernels):
-    model = peaked(family)
+    # Hunyuan's q/k norms after the rotary temper its attention: seed 0's random model copies no loop (0 of
+    # 102 drafts accepted, the rejection path only), seed 4's does (7 of 180)
+    model = peaked(family, seed=4 if family == "hunyuan" else 0)
     batch = [repetitive(24, 6, seed=1), repetitive(30, 5, seed=2), prompts(9)[0]]
     engine = Engine(model, SMALL, speculative_tokens=4, use_kernels=use_kernels)
     outs = assert_same_as_hf(model, engine, batch, max_tokens=32 if use_kernels else 64)

@@ -105,6 +105,9 @@ def test_config_summary_names_a_scaled_rotary():
         "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
     assert arch.config_summary(gemma3)["rotary"] == "linear (full_attention layers)"
+    hunyuan = tiny_config("hunyuan", rope_parameters={"rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0,
+                                                      "rope_theta": 10000.0})
+    assert arch.config_summary(hunyuan)["rotary"] == "NTK alpha 1000 (fixed, not dynamic)"
 
 
 def test_granite_multipliers_are_read_from_the_config_and_summarized():
