@@ -19,7 +19,8 @@ def pytest_configure(config):
         raise pytest.UsageError(problem)
 
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "smollm3", "phi3", "granite", "olmo2", "exaone4", "hunyuan", "gpt2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "smollm3", "phi3", "granite", "olmo2",
+            "exaone4", "hunyuan", "gpt2")
 
 
 def tiny_config(family: str, vocab_size: int = 256, **overrides):

@@ -58,7 +58,7 @@ class ArchSpec:
     rotary: str | None = "model.rotary_emb"  # model-level module returning (cos, sin) for positions
     position_embed: str | None = None  # learned absolute positions added to the embeddings (GPT-2)
     embed_scale: bool = False  # embeddings multiplied by sqrt(hidden_size) (Gemma)
-    q_norm: str | None = None  # norms of queries / keys before rotary (Qwen3, OLMo-2)
+    q_norm: str | None = None  # norms of queries / keys (Qwen3, Gemma-3, OLMo-2, EXAONE-4, Hunyuan)
     k_norm: str | None = None
     # Qwen3's q/k norms normalize each head; OLMo-2's normalize the whole projection (all heads together).
     qk_norm_per_head: bool = True
@@ -253,8 +253,9 @@ def attention_window(config, layer: int) -> int:
 
 def rotary_key(config, spec: ArchSpec, layer: int) -> str | None:
     """The rotary embedding block ``layer`` applies: None for none (GPT-2's learned positions; SmolLM3's
-    NoPE blocks, ``no_rope_layers[layer] == 0``; EXAONE-4's full-attention blocks), "" for the model's one rotary module, or the layer type
-    the module is called with (Gemma-3: "sliding_attention" and "full_attention" use different bases)."""
+    NoPE blocks, ``no_rope_layers[layer] == 0``; EXAONE-4's full-attention blocks when it has sliding ones),
+    "" for the model's one rotary module, or the layer type the module is called with (Gemma-3:
+    "sliding_attention" and "full_attention" use different bases)."""
     if spec.rotary is None:
         return None
     no_rope = getattr(config, "no_rope_layers", None)
