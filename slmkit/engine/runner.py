@@ -192,6 +192,11 @@ class ModelRunner:
             cos, sin = self.rotary(probe, positions, *((key,) if key else ()))
         return cos[0].to(weight.dtype), sin[0].to(weight.dtype)
 
+    def _long_rope(self, batch: Batch) -> torch.Tensor:
+        """LongRoPE: which tokens of ``batch`` rotate with the long factors (``Batch.long_rope``, or else the
+        tokens at positions past the switch)."""
+        return batch.long_rope if batch.long_rope is not None else batch.positions >= self.rope_switch
+
     def _rotations(self, batch: Batch) -> dict[str | None, tuple[torch.Tensor, torch.Tensor]]:
         """(cos, sin) of each token of ``batch`` per rotary key, from the tables."""
         rotations = {}
@@ -199,7 +204,7 @@ class ModelRunner:
         for key, (cos, sin) in self.rope_tables.items():
             cos, sin = cos[positions], sin[positions]
             if self.rope_switch is not None:
-                long = batch.long_rope if batch.long_rope is not None else positions >= self.rope_switch
+                long = self._long_rope(batch)
                 rows = positions.clamp(max=self.rope_switch - 1)
                 short_cos, short_sin = self.short_rope_tables[key]
                 cos = torch.where(long[:, None], cos, short_cos[rows])
@@ -343,8 +348,7 @@ class ModelRunner:
         s["slots"][:rows].copy_(batch.slots)
         s["seq_lens"][:rows].copy_(batch.seq_lens)
         if "long_rope" in s:
-            s["long_rope"][:rows].copy_(batch.long_rope if batch.long_rope is not None
-                                        else batch.positions >= self.rope_switch)
+            s["long_rope"][:rows].copy_(self._long_rope(batch))
             s["long_rope"][rows:size].zero_()
         table = s["block_table"]
         table[:size].zero_()
