@@ -20,7 +20,8 @@ def pytest_configure(config):
 
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "smollm3", "phi3", "granite", "olmo2",
-            "exaone4", "hunyuan", "gpt2")
+            "olmo3", "exaone4", "hunyuan", "ernie4_5", "helium", "glm", "glm4", "stablelm", "arcee", "apertus",
+            "gpt2")
 
 
 def tiny_config(family: str, vocab_size: int = 256, **overrides):
@@ -37,7 +38,9 @@ def tiny_config(family: str, vocab_size: int = 256, **overrides):
                "gemma": "GemmaConfig", "gemma2": "Gemma2Config", "gemma3": "Gemma3TextConfig",
                "smollm3": "SmolLM3Config", "phi3": "Phi3Config", "granite": "GraniteConfig",
                "olmo2": "Olmo2Config", "exaone4": "Exaone4Config",
-               "hunyuan": "HunYuanDenseV1Config"}
+               "hunyuan": "HunYuanDenseV1Config", "olmo3": "Olmo3Config", "ernie4_5": "Ernie4_5Config",
+               "helium": "HeliumConfig", "glm": "GlmConfig", "glm4": "Glm4Config", "stablelm": "StableLmConfig",
+               "arcee": "ArceeConfig", "apertus": "ApertusConfig"}
     extra = {"gemma": dict(head_dim=16), "gemma2": dict(head_dim=16), "qwen3": dict(head_dim=16),
              # one sliding block (window 8, so the window matters) and one full block, each with its own
              # rotary base; SmolLM3's second block has no rotary at all
@@ -50,7 +53,23 @@ def tiny_config(family: str, vocab_size: int = 256, **overrides):
              "olmo2": dict(pad_token_id=1, eos_token_id=2),
              # a sliding block (window 8) and a full block without rotary (EXAONE-4's global NoPE)
              "exaone4": dict(sliding_window=8, sliding_window_pattern=2),
-             "hunyuan": dict(head_dim=16, eod_token_id=3)}
+             "hunyuan": dict(head_dim=16, eod_token_id=3),
+             # a sliding block (window 8) and a full one, each kind with its own rotary settings
+             "olmo3": dict(pad_token_id=1, eos_token_id=2, sliding_window=8,
+                           layer_types=["sliding_attention", "full_attention"],
+                           rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                            "full_attention": {"rope_type": "default", "rope_theta": 500000.0}}),
+             # rotary over interleaved pairs; GLM's over half of each head, with q/k/v biases
+             "ernie4_5": dict(head_dim=16), "helium": dict(head_dim=16),
+             "glm": dict(head_dim=16, pad_token_id=0), "glm4": dict(head_dim=16, pad_token_id=0),
+             # LayerNorms with biases, q/k/v biases, rotary on a quarter of each head (StableLM-2 1.6B)
+             "stablelm": dict(use_qkv_bias=True),
+             # ungated MLPs: ReLU² (Arcee), xIELU with its learned parameters (Apertus)
+             "arcee": dict(head_dim=16, bos_token_id=1, eos_token_id=2),
+             "apertus": dict(bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                             rope_parameters={"rope_type": "llama3", "rope_theta": 12e6, "factor": 8.0,
+                                              "original_max_position_embeddings": 32, "low_freq_factor": 1.0,
+                                              "high_freq_factor": 4.0})}
     return getattr(transformers, classes[family])(**{**common, **extra.get(family, {}), **overrides})
 
 

@@ -159,7 +159,8 @@ def test_run_evaluates_and_saves(tiny_dir, tmp_path):
     assert "perplexity" in result.table()
 
 
-@pytest.mark.parametrize("family", ["gemma3", "smollm3", "granite", "olmo2", "exaone4", "hunyuan"])
+@pytest.mark.parametrize("family", ["gemma3", "smollm3", "granite", "olmo2", "olmo3", "exaone4", "hunyuan",
+                                    "ernie4_5", "helium", "glm", "glm4", "stablelm", "arcee", "apertus"])
 def test_a_recipe_runs_on_a_local_directory_of_a_newer_family(family, tmp_path, smollm2_tokenizer):
     # a transformers directory of the family (random weights, a real tokenizer) → W4A16 GPTQ, evaluated and
     # saved; the checkpoint reloads exactly and the engine's greedy tokens equal generate's on it

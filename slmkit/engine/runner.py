@@ -68,14 +68,24 @@ class Batch:
     long_rope: torch.Tensor | None = None
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half rotary embedding of x (N, H, D) with cos/sin (N, R), R ≤ D (partial rotary leaves the rest)."""
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """Rotary embedding of x (N, H, D) with cos/sin (N, R), R ≤ D (partial rotary leaves the rest).
+
+    cos/sin hold each frequency twice, as transformers' rotary modules return them (``cat(freqs, freqs)``).
+    By default dimension i turns with i + R/2 (transformers' rotate-half layout); ``interleaved`` turns
+    adjacent pairs (2i, 2i + 1) by frequency i instead (GLM, ERNIE-4.5, Helium).
+    """
     rotary_dim = cos.shape[-1]
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
     half = rotary_dim // 2
-    rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
-    out = rot * cos + rotated * sin
+    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    if interleaved:
+        cos, sin = cos[:, None, :half], sin[:, None, :half]
+        even, odd = rot[..., 0::2], rot[..., 1::2]
+        out = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
+    else:
+        cos, sin = cos[:, None, :], sin[:, None, :]
+        rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+        out = rot * cos + rotated * sin
     return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)
 
 
@@ -101,6 +111,7 @@ class _Layer:
         self.mlp_out_norm = get_module(block, spec.mlp_out_norm) if spec.mlp_out_norm else None
         self.window = attention_window(model.config, index)  # 0: full attention
         self.rotary_key = rotary_key(model.config, spec, index)  # None: no rotary in this block
+        self.rotary_interleaved = spec.rotary_interleaved
         self.softcap = logit_softcaps(model.config)[0]
         self.qkv = get_module(block, spec.qkv) if spec.qkv else None
         self.q, self.k, self.v = (None, None, None) if spec.qkv else (get_module(block, n) for n in (spec.q, spec.k, spec.v))
@@ -269,7 +280,8 @@ class ModelRunner:
             q, k, v = layer.project_qkv(h)
             if layer.rotary_key is not None:
                 cos, sin = rotations[layer.rotary_key]
-                q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+                q, k = (apply_rotary(q, cos, sin, layer.rotary_interleaved),
+                        apply_rotary(k, cos, sin, layer.rotary_interleaved))
             if layer.q_norm is not None and layer.qk_norm_after_rotary:
                 q, k = layer.q_norm(q), layer.k_norm(k)
             attn = layer.o(self._attention(layer, cache, q, k, v, batch).flatten(1))

@@ -70,12 +70,18 @@ class ArchSpec:
     rotary_per_layer_type: bool = False
     # When the config sets a sliding window, full-attention blocks rotate nothing (EXAONE-4's global NoPE).
     full_layers_nope: bool = False
+    # The rotary embedding turns adjacent pairs (x0, x1), (x2, x3)... instead of transformers' usual halves
+    # (x_i, x_{i+D/2}) (GLM, ERNIE-4.5, Helium: their ``rotate_half`` interleaves); the frequencies are the same.
+    rotary_interleaved: bool = False
     # Constant multipliers the family reads from its config (Granite), as config attribute names: embeddings ×
     # ``embedding_multiplier``; each block's attention and MLP outputs × ``residual_multiplier`` before their
     # residual adds; logits ÷ ``logits_divisor``. See :func:`multipliers`.
     embedding_multiplier: str | None = None
     residual_multiplier: str | None = None
     logits_divisor: str | None = None
+    # Config switches (attribute, what it means) this entry does not describe: a config that turns one on is
+    # refused by :func:`get_spec` with that reason (StableLM-2-12B's parallel blocks).
+    unsupported_options: tuple[tuple[str, str], ...] = ()
 
     def linear_names(self) -> list[str]:
         """Block-relative paths of every linear projection in a block (attention, then MLP)."""
@@ -113,6 +119,14 @@ _GEMMA2 = dataclasses.replace(
     embed_scale=True,
 )
 
+# OLMo-2 (1B, 7B, 13B, 32B): no norm before attention or MLP; each output is normalized before its
+# residual add, and q / k are normalized over the whole projection. No norm→projection site, so SmoothQuant
+# and AWQ scale only v→o and up→down. head_dim derives from hidden_size / heads: FFN width only.
+_OLMO2 = dataclasses.replace(_LLAMA, family="olmo2", model_types=("olmo2",), attn_norm=None, mlp_norm=None,
+                             attn_out_norm="post_attention_layernorm", mlp_out_norm="post_feedforward_layernorm",
+                             q_norm="self_attn.q_norm", k_norm="self_attn.k_norm", qk_norm_per_head=False,
+                             width_dims=("ffn",))
+
 ARCHITECTURES: tuple[ArchSpec, ...] = (
     _LLAMA,
     dataclasses.replace(_LLAMA, family="mistral", model_types=("mistral",)),
@@ -149,13 +163,7 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
     dataclasses.replace(_LLAMA, family="granite", model_types=("granite",), width_dims=("ffn",),
                         embedding_multiplier="embedding_multiplier", residual_multiplier="residual_multiplier",
                         logits_divisor="logits_scaling"),
-    # OLMo-2 (1B, 7B, 13B, 32B): no norm before attention or MLP; each output is normalized before its
-    # residual add, and q / k are normalized over the whole projection. No norm→projection site, so SmoothQuant
-    # and AWQ scale only v→o and up→down. head_dim derives from hidden_size / heads: FFN width only.
-    dataclasses.replace(_LLAMA, family="olmo2", model_types=("olmo2",), attn_norm=None, mlp_norm=None,
-                        attn_out_norm="post_attention_layernorm", mlp_out_norm="post_feedforward_layernorm",
-                        q_norm="self_attn.q_norm", k_norm="self_attn.k_norm", qk_norm_per_head=False,
-                        width_dims=("ffn",)),
+    _OLMO2,
     # EXAONE-4.0 (1.2B, 32B): OLMo-2's output-only norms with Qwen3's per-head q/k norms; with a sliding window,
     # three sliding blocks to one full block, and the full blocks have no rotary.
     dataclasses.replace(_LLAMA, family="exaone4", model_types=("exaone4",), attn_norm=None, mlp_norm=None,
@@ -167,6 +175,36 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
     dataclasses.replace(_LLAMA, family="hunyuan", model_types=("hunyuan_v1_dense",),
                         q_norm="self_attn.query_layernorm", k_norm="self_attn.key_layernorm",
                         qk_norm_after_rotary=True),
+    # OLMo-3 (7B, 32B): OLMo-2's blocks; three sliding blocks to one full one, each kind with its own rotary
+    # settings (YaRN on the full blocks of the long-context checkpoints).
+    dataclasses.replace(_OLMO2, family="olmo3", model_types=("olmo3",), rotary_per_layer_type=True),
+    # Baidu ERNIE-4.5 dense (0.3B): Llama's layout, rotary over interleaved pairs (biases where ``use_bias``).
+    dataclasses.replace(_LLAMA, family="ernie4_5", model_types=("ernie4_5",), rotary_interleaved=True),
+    # Kyutai Helium-1 (2B): Llama's layout, rotary over interleaved pairs. Its o_proj is built hidden × hidden,
+    # so heads × head_dim must stay the hidden size: FFN width only.
+    dataclasses.replace(_LLAMA, family="helium", model_types=("helium",), rotary_interleaved=True,
+                        width_dims=("ffn",)),
+    # GLM-4 (THUDM/zai-org 9B; ``glm``: GLM-4-9B-chat-hf): Phi-3's fused gate/up, separate q/k/v with biases,
+    # rotary over interleaved pairs on half of each head. ``glm4`` (GLM-4-0414, GLM-Z1) adds Gemma-2-style
+    # norms on the attention and MLP outputs. The fused gate/up leaves FFN width the only prunable one here.
+    dataclasses.replace(_LLAMA, family="glm", model_types=("glm",), gate=None, up=None, gate_up="mlp.gate_up_proj",
+                        rotary_interleaved=True, width_dims=("ffn",)),
+    dataclasses.replace(_LLAMA, family="glm4", model_types=("glm4",), gate=None, up=None,
+                        gate_up="mlp.gate_up_proj", attn_out_norm="post_self_attn_layernorm",
+                        mlp_out_norm="post_mlp_layernorm", rotary_interleaved=True, width_dims=("ffn",)),
+    # Arcee AFM-4.5B: Llama's attention, an ungated MLP (up → ReLU² → down), so no up→down scaling site.
+    dataclasses.replace(_LLAMA, family="arcee", model_types=("arcee",), gate=None, gated_mlp=False),
+    # Swiss AI Apertus (8B, 70B): per-head q/k norms, an ungated MLP (up → xIELU → down), its block norms named
+    # attention_layernorm / feedforward_layernorm. head_dim derives from hidden_size / heads: FFN width only.
+    dataclasses.replace(_LLAMA, family="apertus", model_types=("apertus",), attn_norm="attention_layernorm",
+                        mlp_norm="feedforward_layernorm", q_norm="self_attn.q_norm", k_norm="self_attn.k_norm",
+                        gate=None, gated_mlp=False, width_dims=("ffn",)),
+    # Stability AI StableLM-2 (1.6B, Zephyr 1.6B, 3B): Llama's layout with LayerNorms (weight and bias), biases
+    # on q/k/v and rotary on a quarter of each head. head_dim derives from hidden_size / heads: FFN width only.
+    # StableLM-2-12B's parallel attention + MLP and per-head q/k LayerNorms are refused.
+    dataclasses.replace(_LLAMA, family="stablelm", model_types=("stablelm",), width_dims=("ffn",),
+                        unsupported_options=(("use_parallel_residual", "attention and MLP in parallel"),
+                                             ("qk_layernorm", "per-head q/k LayerNorms"))),
     ArchSpec(
         family="gpt2",
         model_types=("gpt2",),
@@ -203,6 +241,10 @@ def get_spec(model_or_config) -> ArchSpec:
     model_type = getattr(config, "model_type", None)
     for spec in ARCHITECTURES:
         if model_type in spec.model_types:
+            for option, meaning in spec.unsupported_options:
+                if getattr(config, option, None):
+                    raise SlmkitError(f"{model_type} with {option}={getattr(config, option)!r} ({meaning}) is not "
+                                      f"supported; only the {spec.family} layout without it is")
             return spec
     raise SlmkitError(
         f"architecture {model_type!r} is not supported; supported: {', '.join(supported_model_types())}"
@@ -362,9 +404,19 @@ def config_summary(config) -> dict[str, str]:
         kinds[kind] = kinds.get(kind, 0) + 1
     if len(kinds) > 1 or next(iter(kinds)) != "full":
         summary["attention"] = ", ".join(f"{count} × {kind}" for kind, count in kinds.items())
-    rotary = _rope_summary(config) if spec.rotary else None
-    if rotary:
-        summary["rotary"] = rotary
+    if spec.rotary:
+        layout = []
+        rope = _rope_parameters(config)
+        factor = rope.get("partial_rotary_factor") or getattr(config, "partial_rotary_factor", None)
+        if factor and factor < 1:
+            head_dim = attention_shape(config, 0).head_dim
+            layout.append(f"on {int(head_dim * factor)} of {head_dim} dims per head")
+        if spec.rotary_interleaved:
+            layout.append("over interleaved pairs")
+        scaling = _rope_summary(config)
+        if scaling or layout:
+            summary["rotary"] = "; ".join(([scaling] if scaling else ["RoPE " + ", ".join(layout)])
+                                          + ([", ".join(layout)] if scaling and layout else []))
     if not spec.attn_norm and not spec.mlp_norm:
         summary["norms"] = ("on the attention and MLP outputs only: SmoothQuant and AWQ scale v→o and up→down, "
                             "not q/k/v or gate/up")

@@ -15,7 +15,10 @@ pytestmark = pytest.mark.gpu
 
 @pytest.mark.parametrize("family, config", [("llama", {}), ("qwen3", {}), ("gemma2", dict(sliding_window=16)),
                                             ("gemma3", dict(sliding_window=16)), ("smollm3", {}), ("granite", {}),
-                                            ("olmo2", {}), ("exaone4", dict(sliding_window=16)), ("hunyuan", {})])
+                                            ("olmo2", {}), ("olmo3", dict(sliding_window=16)),
+                                            ("exaone4", dict(sliding_window=16)), ("hunyuan", {}), ("ernie4_5", {}),
+                                            ("helium", {}), ("glm", {}), ("glm4", {}), ("stablelm", {}),
+                                            ("arcee", {}), ("apertus", {})])
 @pytest.mark.parametrize("speculative", [0, 4])
 def test_bf16_engine_with_kernels_and_graphs_agrees_with_hf(family, config, speculative):
     model = peaked(family, **config).to("cuda", torch.bfloat16)

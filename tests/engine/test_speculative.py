@@ -62,7 +62,8 @@ def repetitive(length: int, period: int, seed: int) -> list[int]:
 
 @pytest.mark.parametrize("family, use_kernels", [("llama", False), ("qwen3", False), ("gemma2", False),
                                                  ("gemma3", False), ("smollm3", False), ("granite", False),
-                                                 ("olmo2", False), ("exaone4", False), ("hunyuan", False),
+                                                 ("olmo2", False), ("olmo3", False), ("exaone4", False),
+                                                 ("hunyuan", False), ("ernie4_5", False), ("glm4", False),
                                                  ("gemma2", True)])  # the kernels in the CPU interpreter: slow
 def test_speculation_changes_no_token_and_saves_forward_passes(family, use_kernels):
     # Hunyuan's q/k norms after the rotary temper its attention: seed 0's random model copies no loop (0 of

@@ -27,8 +27,9 @@ def test_fold_groups_have_matching_shapes(family):
     model = tiny_model(family)
     block = arch.blocks(model)[0]
     groups = {g.name: g for g in arch.fold_groups(model, block)}
-    expected = {"attn_norm->qkv", "mlp_norm->gate_up", "v->o"} | ({"up->down"} if family != "gpt2" else set())
-    if family in ("olmo2", "exaone4"):  # no norm before attention or MLP: nothing folds into q/k/v or gate/up
+    ungated = family in ("gpt2", "arcee", "apertus")  # act(up(x)): no scale passes the activation to down
+    expected = {"attn_norm->qkv", "mlp_norm->gate_up", "v->o"} | (set() if ungated else {"up->down"})
+    if family in ("olmo2", "olmo3", "exaone4"):  # no norm before attention or MLP: nothing folds into q/k/v or gate/up
         expected -= {"attn_norm->qkv", "mlp_norm->gate_up"}
     assert set(groups) == expected
     shape = arch.attention_shape(model.config)
@@ -95,7 +96,8 @@ def test_config_summary_names_a_scaled_rotary():
     from tests.engine.test_engine import LONGROPE
 
     summary = arch.config_summary(tiny_config("phi3", **LONGROPE))
-    assert summary["rotary"] == "longrope: short factors up to 32 tokens, long ones for longer sequences"
+    assert summary["rotary"] == ("longrope: short factors up to 32 tokens, long ones for longer sequences; "
+                                 "on 8 of 16 dims per head")  # Phi-3's partial rotary
     llama3 = tiny_config("llama", rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
                                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                    "original_max_position_embeddings": 8192})
@@ -108,6 +110,9 @@ def test_config_summary_names_a_scaled_rotary():
     hunyuan = tiny_config("hunyuan", rope_parameters={"rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0,
                                                       "rope_theta": 10000.0})
     assert arch.config_summary(hunyuan)["rotary"] == "NTK alpha 1000 (fixed, not dynamic)"
+    # the layout: partial rotary (GLM: half of each head) and interleaved pairs, beside any scaling
+    assert arch.config_summary(tiny_config("glm"))["rotary"] == "RoPE on 8 of 16 dims per head, over interleaved pairs"
+    assert arch.config_summary(tiny_config("ernie4_5"))["rotary"] == "RoPE over interleaved pairs"
 
 
 def test_granite_multipliers_are_read_from_the_config_and_summarized():
@@ -119,7 +124,16 @@ def test_granite_multipliers_are_read_from_the_config_and_summarized():
     assert "multipliers" not in arch.config_summary(tiny_config("llama"))
 
 
-@pytest.mark.parametrize("family", ["olmo2", "exaone4"])
+@pytest.mark.parametrize("option", ["use_parallel_residual", "qk_layernorm"])
+def test_a_config_switch_the_family_entry_does_not_describe_is_refused(option):
+    config = tiny_config("stablelm", **{option: True})  # StableLM-2-12B's layout
+    with pytest.raises(SlmkitError, match=f"stablelm with {option}=True .* is not supported"):
+        arch.get_spec(config)
+    assert "is not supported" in arch.config_summary(config)["architecture"]
+    assert arch.get_spec(tiny_config("stablelm")).family == "stablelm"
+
+
+@pytest.mark.parametrize("family", ["olmo2", "olmo3", "exaone4"])
 def test_output_only_norms_are_summarized(family):
     summary = arch.config_summary(tiny_config(family))
     assert summary["norms"].startswith("on the attention and MLP outputs only")

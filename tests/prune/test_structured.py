@@ -38,7 +38,7 @@ def test_ffn_width_pruning_every_family_reloads_as_standard_model(family, tmp_pa
     assert torch.allclose(reloaded(TOKENS).logits, _logits(model), atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral", "hunyuan"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral", "hunyuan", "ernie4_5"])
 def test_heads_and_hidden_pruning_keep_config_consistent(family, tmp_path):
     model = tiny_model(family)
     prune(model, WidthPruneConfig(heads=0.5, hidden=0.25, head_unit="group"), calib=CALIB)
