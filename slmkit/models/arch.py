@@ -166,10 +166,8 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
     _OLMO2,
     # EXAONE-4.0 (1.2B, 32B): OLMo-2's output-only norms with Qwen3's per-head q/k norms; with a sliding window,
     # three sliding blocks to one full block, and the full blocks have no rotary.
-    dataclasses.replace(_LLAMA, family="exaone4", model_types=("exaone4",), attn_norm=None, mlp_norm=None,
-                        attn_out_norm="post_attention_layernorm", mlp_out_norm="post_feedforward_layernorm",
-                        q_norm="self_attn.q_norm", k_norm="self_attn.k_norm", full_layers_nope=True,
-                        width_dims=("ffn",)),
+    dataclasses.replace(_OLMO2, family="exaone4", model_types=("exaone4",), qk_norm_per_head=True,
+                        full_layers_nope=True),
     # Tencent Hunyuan dense models (0.5B to 7B): Llama's layout with per-head q/k norms after the rotary
     # embedding (their config sets head_dim, so heads and hidden size can be pruned too).
     dataclasses.replace(_LLAMA, family="hunyuan", model_types=("hunyuan_v1_dense",),
@@ -406,17 +404,17 @@ def config_summary(config) -> dict[str, str]:
         summary["attention"] = ", ".join(f"{count} × {kind}" for kind, count in kinds.items())
     if spec.rotary:
         layout = []
-        rope = _rope_parameters(config)
-        factor = rope.get("partial_rotary_factor") or getattr(config, "partial_rotary_factor", None)
+        factor = _rope_parameters(config).get("partial_rotary_factor") or getattr(config, "partial_rotary_factor", None)
         if factor and factor < 1:
             head_dim = attention_shape(config, 0).head_dim
             layout.append(f"on {int(head_dim * factor)} of {head_dim} dims per head")
         if spec.rotary_interleaved:
             layout.append("over interleaved pairs")
-        scaling = _rope_summary(config)
-        if scaling or layout:
-            summary["rotary"] = "; ".join(([scaling] if scaling else ["RoPE " + ", ".join(layout)])
-                                          + ([", ".join(layout)] if scaling and layout else []))
+        text = _rope_summary(config)  # the scaling (llama3, yarn...), None for plain RoPE
+        if layout:
+            text = f"{text}; {', '.join(layout)}" if text else f"RoPE {', '.join(layout)}"
+        if text:
+            summary["rotary"] = text
     if not spec.attn_norm and not spec.mlp_norm:
         summary["norms"] = ("on the attention and MLP outputs only: SmoothQuant and AWQ scale v→o and up→down, "
                             "not q/k/v or gate/up")
